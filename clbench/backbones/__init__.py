@@ -1,0 +1,1 @@
+"""Backbones; importing this package registers the built-ins."""

@@ -1,0 +1,139 @@
+"""The ``clbench`` command: run, list, pretrain.
+
+``clbench run [OVERRIDES...]`` is a Hydra application (conf/config.yaml), so sweeps
+(``-m strategy=a,b seed=0,1``) and launchers work as in any Hydra app. Overrides are
+validated first: a mistake is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from clbench.errors import ClbenchError
+
+USAGE = """usage: clbench COMMAND [ARGS]
+
+commands:
+  run [-m] [KEY=VALUE ...]   train and evaluate a strategy on a scenario (Hydra overrides)
+  list                       registered strategies, scenarios and backbones
+  pretrain [--seed N] [--steps N] [--force]
+                             make the embedded micro ViT's offline source checkpoint
+
+options for run: -m/--multirun (sweep), --verbose (tracebacks), --cfg job (print config)
+examples:
+  clbench run
+  clbench run strategy=finetune scenario=split_digits seed=3 strategy.lr=0.01
+  clbench run -m strategy=finetune,lora seed=0,1
+"""
+
+
+def _verbose(args: list[str]) -> bool:
+    return "--verbose" in args or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = args[0], args[1:]
+    commands = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain}
+    if cmd not in commands:
+        print(
+            f"error: unknown command {cmd!r}; valid commands: {', '.join(commands)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return commands[cmd](rest)
+    except ClbenchError as e:
+        if _verbose(rest):
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args: list[str]) -> int:
+    from clbench.config import CONF_DIR, check_overrides, register_plugin_configs
+
+    verbose = _verbose(args)
+    hydra_args = [a for a in args if a != "--verbose"]
+    overrides = [a for a in hydra_args if not a.startswith("-") and "=" in a]
+    bad = [a for a in hydra_args if not a.startswith("-") and "=" not in a]
+    if bad and not any(a in ("--cfg", "-c", "--package", "-p", "--info", "-i") for a in hydra_args):
+        raise ClbenchError(
+            f"bad argument {bad[0]!r}; overrides look like KEY=VALUE "
+            "(e.g. strategy=finetune seed=3)"
+        )
+    register_plugin_configs()
+    check_overrides(overrides)
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    def task(cfg: DictConfig) -> None:
+        from clbench.runner import execute
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            execute(cfg, run_dir)
+        except ClbenchError as e:
+            if verbose:
+                traceback.print_exc()
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(e.exit_code) from None
+
+    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)
+    saved = sys.argv
+    sys.argv = ["clbench", *hydra_args]
+    try:
+        app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def cmd_list(args: list[str]) -> int:
+    from clbench.registry import REGISTRIES
+
+    for kind, reg in REGISTRIES.items():
+        for e in reg:
+            extra = ""
+            protocols = getattr(e.obj, "protocols", None)
+            if kind == "strategy" and protocols:
+                extra = f" [{', '.join(protocols)}]"
+            src = "" if e.source == "builtin" else f" (from {e.source})"
+            print(f"{kind:<9} {e.name:<16} {e.summary}{extra}{src}")
+    return 0
+
+
+def cmd_pretrain(args: list[str]) -> int:
+    from clbench.pretrain.train import DEFAULT_STEPS, default_checkpoint_path, ensure_pretrained
+
+    p = argparse.ArgumentParser(
+        prog="clbench pretrain",
+        description="make the micro ViT's offline source checkpoint (cached in the user cache dir)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--force", action="store_true", help="remake it even if cached")
+    ns = p.parse_args(args)
+    if ns.steps < 1:
+        raise ClbenchError(f"invalid value for --steps: {ns.steps}; must be >= 1")
+    path = default_checkpoint_path(ns.seed, ns.steps)
+    if ns.force and path.exists():
+        path.unlink()
+    print(ensure_pretrained(ns.seed, ns.steps, progress=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

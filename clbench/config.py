@@ -1,0 +1,204 @@
+"""Hydra config: composition, validation against the registered schemas, and typing.
+
+Every override is checked before Hydra runs a job, so a bad override is one line
+(what is wrong, the value, the valid choices) and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from clbench.errors import ConfigError, unknown_choice
+from clbench.registry import REGISTRIES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+if not (CONF_DIR / "config.yaml").is_file():  # installed wheel: conf/ is package data
+    import clbench.conf
+
+    CONF_DIR = Path(clbench.conf.__file__).resolve().parent
+
+#: config groups whose option selects a registered component
+COMPONENT_GROUPS = ("strategy", "scenario", "backbone")
+MAX_VALIDATED_COMBINATIONS = 64
+
+
+def group_options(group: str) -> list[str]:
+    """Options of a config group: YAML files in conf/GROUP plus registered components."""
+    names = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    if group in REGISTRIES:
+        names |= set(REGISTRIES[group].names())
+    return sorted(names)
+
+
+def register_plugin_configs() -> None:
+    """Give third-party components without a YAML file a config node built from their schema."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group in COMPONENT_GROUPS:
+        have_yaml = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+        for entry in REGISTRIES[group]:
+            if entry.name in have_yaml:
+                continue
+            schema = getattr(entry.obj, "Config", None)
+            if schema is None:
+                raise ConfigError(f"{group} {entry.name!r} ({entry.source}) has no Config schema")
+            node = OmegaConf.structured(schema)
+            node.name = entry.name
+            cs.store(group=group, name=entry.name, node=node)
+
+
+def typed(group: str, node: DictConfig) -> Any:
+    """The component's Config dataclass instance for a composed group node (validated)."""
+    component = REGISTRIES[group].get(node.name)
+    schema = component.Config
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(group, e, schema)) from None
+
+
+def _omegaconf_message(group: str, e: OmegaConfBaseException, schema: type) -> str:
+    key = f"{group}.{e.full_key}" if getattr(e, "full_key", None) else group
+    fields = sorted(f.name for f in dataclasses.fields(schema))
+    msg = str(e).splitlines()[0]
+    if "not in struct" in msg or ("Key '" in msg and "not" in msg):
+        return f"unknown key {key!r}; valid keys: {', '.join(f'{group}.{f}' for f in fields)}"
+    value = getattr(e, "value", None)
+    expected = msg.rpartition("converted to ")[2].strip() if "converted to" in msg else msg
+    return f"invalid value for {key}: {value!r}; expected {expected.lower()}"
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check a composed config; returns {group: typed Config} for the component groups."""
+    out = {}
+    for group in COMPONENT_GROUPS:
+        node = cfg.get(group)
+        if node is None or "name" not in node:
+            raise ConfigError(f"config has no {group} (expected {group}=NAME)")
+        if node.name not in REGISTRIES[group]:
+            raise unknown_choice(group, node.name, REGISTRIES[group].names())
+        out[group] = typed(group, node)
+    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+        raise ConfigError(f"invalid value for seed: {cfg.get('seed')!r}; must be an integer")
+    resolve_device(str(cfg.get("device", "cpu")))
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if present) -> a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    choices = "valid choices: cpu, cuda, cuda:N, auto"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"invalid value for device: {name!r}; {choices}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"invalid value for device: {name!r}; {choices}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"invalid value for device: {name!r}; no CUDA device here (cpu, auto)")
+    return device
+
+
+def _expand(overrides: Sequence[str]) -> list[list[str]]:
+    """Sweep overrides ("a=1,2") -> one override list per job (capped)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as e:  # hydra's OverrideParseException has a multi-line message
+        raise ConfigError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
+    choices: list[list[str]] = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    combos = list(itertools.islice(itertools.product(*choices), MAX_VALIDATED_COMBINATIONS))
+    if len(combos) == MAX_VALIDATED_COMBINATIONS:  # too many: check each value once
+        combos = [
+            tuple(c[min(j, len(c) - 1)] if k == i else c[0] for k, c in enumerate(choices))
+            for i, cs in enumerate(choices)
+            for j in range(len(cs))
+        ]
+    return [list(c) for c in combos]
+
+
+def compose(overrides: Sequence[str]) -> DictConfig:
+    """Compose conf/config.yaml with overrides (no sweeps) into a resolved config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    _check_group_choices(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_hydra_message(e, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _check_group_choices(overrides: Sequence[str]) -> None:
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if (key in COMPONENT_GROUPS or key == "tracking") and value not in group_options(key):
+            raise unknown_choice(key, value, group_options(key))
+
+
+def _hydra_message(e: Exception, overrides: Sequence[str]) -> str:
+    msg = str(e)
+    first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    if "not in struct" in msg or "Could not override" in first:
+        key = first.split("'")[1] if "'" in first else first
+        parent = key.rpartition(".")[0]
+        others = [o for o in overrides if not o.lstrip("+~").startswith(key)]
+        valid = _valid_keys(parent, others)
+        return f"unknown key {key!r}; valid keys: {', '.join(valid)}"
+    if "Could not find" in first or "Could not load" in first:
+        return first.replace("In 'config': ", "")
+    return f"bad override: {first}"
+
+
+def _valid_keys(parent: str, overrides: Sequence[str]) -> list[str]:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return []
+    return [f"{parent}.{k}" if parent else str(k) for k in node]
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Validate every job a (possibly sweeping) override list would run; raise ConfigError."""
+    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    for job in _expand(user):
+        validate(compose(job))
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved plain-dict copy of a config (without Hydra's own node)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    return data

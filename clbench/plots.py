@@ -1,0 +1,52 @@
+"""Plots written into every run directory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def accuracy_heatmap(matrix: Sequence[Sequence[float]], path: Path, title: str) -> Path:
+    """Heatmap of R[t][i] with the values written in the cells."""
+    a = np.array(matrix, dtype=float)
+    t, n = a.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * n, 0.8 + 0.7 * t), dpi=100)
+    im = ax.imshow(a, vmin=0.0, vmax=1.0, cmap="viridis")
+    for i in range(t):
+        for j in range(n):
+            if not np.isnan(a[i, j]):
+                color = "black" if a[i, j] > 0.6 else "white"
+                ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(n), [str(j + 1) for j in range(n)])
+    ax.set_yticks(range(t), [str(i + 1) for i in range(t)])
+    ax.set_xlabel("test experience")
+    ax.set_ylabel("after training experience")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def accuracy_curve(values: Sequence[float], path: Path, title: str) -> Path:
+    """Accuracy on all classes seen so far after each experience."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.0), dpi=100)
+    x = np.arange(1, len(values) + 1)
+    ax.plot(x, values, marker="o")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xticks(x)
+    ax.set_xlabel("experience")
+    ax.set_ylabel("accuracy on seen classes")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path

@@ -1,0 +1,233 @@
+"""One run: compose -> build scenario, backbone, strategy -> protocol -> run record -> MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import clbench
+from clbench import plots, tracking
+from clbench.config import resolve_device, to_container, validate
+from clbench.errors import ClbenchError
+from clbench.models import ClassifierModel
+from clbench.progress import ProgressPlugin
+from clbench.protocols.class_incremental import ClassIncrementalResult, run_class_incremental
+from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
+from clbench.resources import peak_rss_mb
+from clbench.seeding import seed_everything
+
+HEADLINE = (
+    "final_accuracy",
+    "final_accuracy_task_avg",
+    "average_incremental_accuracy",
+    "forgetting",
+    "bwt",
+    "fwt",
+    "plasticity",
+)
+
+
+def git_commit() -> str:
+    """The commit of the clbench source tree, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(clbench.__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run one configured job into ``run_dir``; returns the run record (results.json)."""
+    wall0 = time.perf_counter()
+    typed = validate(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(int(cfg.seed))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = bool(cfg.progress)
+
+    scenario = SCENARIOS.get(cfg.scenario.name)(typed["scenario"])
+    backbone = BACKBONES.get(cfg.backbone.name)(typed["backbone"])
+    if tuple(backbone.input_shape) != tuple(scenario.input_shape):
+        raise ClbenchError(
+            f"backbone {backbone.name!r} takes inputs {tuple(backbone.input_shape)} but scenario "
+            f"{scenario.name!r} gives {tuple(scenario.input_shape)}; pick a matching backbone"
+        )
+    strategy_cls = STRATEGIES.get(cfg.strategy.name)
+    if scenario.kind not in strategy_cls.protocols:
+        raise ClbenchError(
+            f"strategy {cfg.strategy.name!r} does not support {scenario.kind!r} scenarios; "
+            f"it supports: {', '.join(strategy_cls.protocols)}"
+        )
+    seed_everything(int(cfg.seed))  # building the scenario/backbone must not shift the seed
+    model = ClassifierModel(backbone.module, backbone.feature_dim)
+    strategy = strategy_cls(
+        model=model,
+        cfg=typed["strategy"],
+        seed=int(cfg.seed),
+        device=device,
+        plugins=[ProgressPlugin(scenario.num_experiences, enabled=progress)],
+        in_memory=scenario.in_memory,
+    )
+
+    def on_step(t: int, agnostic: list[float], aware: list[float]) -> None:
+        if progress:
+            seen = agnostic[: t + 1]
+            print(
+                f"  after experience {t + 1}: accuracy on seen experiences "
+                + " ".join(f"{a:.3f}" for a in seen),
+                file=sys.stderr,
+            )
+
+    result = run_class_incremental(scenario, strategy, on_step=on_step)
+    record = build_record(cfg, run_dir, scenario, backbone, strategy, result, wall0)
+    write_run_dir(record, run_dir)
+    record["tracking"] = track(cfg, record, run_dir)
+    (run_dir / "results.json").write_text(_dumps(record))
+    if progress:
+        print(format_summary(record))
+    print(f"run directory: {run_dir}")
+    return record
+
+
+def build_record(
+    cfg: DictConfig,
+    run_dir: Path,
+    scenario: Any,
+    backbone: Any,
+    strategy: Any,
+    result: ClassIncrementalResult,
+    wall0: float,
+) -> dict[str, Any]:
+    metrics = result.metrics()
+    steps_total = sum(result.train_steps)
+    train_total = sum(result.train_seconds)
+    per_step = []
+    for t, row in enumerate(result.accuracy_matrix):
+        sizes = result.test_sizes[: t + 1]
+        seen = sum(a * n for a, n in zip(row[: t + 1], sizes, strict=True)) / sum(sizes)
+        per_step.append(
+            {
+                "accuracy_seen": seen,
+                "accuracy_current": row[t],
+                "train_seconds": result.train_seconds[t],
+            }
+        )
+    tags = {
+        "scenario": scenario.name,
+        "scenario_kind": scenario.kind,
+        "strategy": cfg.strategy.name,
+        "backbone": backbone.name,
+        "backbone_source": backbone.source,
+        "seed": str(cfg.seed),
+        "git_commit": git_commit(),
+        "clbench_version": clbench.__version__,
+        "hardware": f"{platform.machine()} {torch.get_num_threads()} threads",
+    }
+    return {
+        "clbench_version": clbench.__version__,
+        "run_name": run_dir.name,
+        "run_dir": str(run_dir),
+        "scenario": scenario.name,
+        "kind": scenario.kind,
+        "strategy": cfg.strategy.name,
+        "backbone": backbone.name,
+        "seed": int(cfg.seed),
+        "config": to_container(cfg),
+        "class_names": scenario.class_names,
+        "classes_per_experience": result.classes_per_experience,
+        "test_sizes": result.test_sizes,
+        "accuracy_matrix": result.accuracy_matrix,
+        "accuracy_matrix_task_aware": result.accuracy_matrix_task_aware,
+        "initial_accuracy": result.initial_accuracy,
+        "initial_accuracy_task_aware": result.initial_accuracy_task_aware,
+        "metrics": metrics,
+        "steps": per_step,
+        "efficiency": {
+            "trainable_params": strategy.num_trainable_parameters(),
+            "inference_params": strategy.num_inference_parameters(),
+            "backbone_params": sum(p.numel() for p in backbone.module.parameters()),
+            "train_steps": steps_total,
+            "seconds_per_step": train_total / max(steps_total, 1),
+            "train_seconds": train_total,
+            "eval_seconds": sum(result.eval_seconds),
+            "wall_seconds": time.perf_counter() - wall0,
+            "peak_rss_mb": peak_rss_mb(),
+        },
+        "tags": tags,
+    }
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(_clean(record), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_run_dir(record: dict[str, Any], run_dir: Path) -> None:
+    """results.json, the resolved config and the plots."""
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(record["config"])))
+    title = f"{record['strategy']} on {record['scenario']} (seed {record['seed']})"
+    plots.accuracy_heatmap(record["accuracy_matrix"], run_dir / "accuracy_matrix.png", title)
+    plots.accuracy_curve(
+        [s["accuracy_seen"] for s in record["steps"]], run_dir / "accuracy_curve.png", title
+    )
+    (run_dir / "results.json").write_text(_dumps(record))
+
+
+def track(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Log to MLflow; a failure is reported in one line and never loses the run."""
+    if not cfg.tracking.enabled:
+        return {"status": "disabled"}
+    uri = cfg.tracking.uri
+    try:
+        run_id = tracking.log_run(record, run_dir, uri, cfg.tracking.experiment)
+    except Exception as e:  # any tracking failure: keep the run directory, say so
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(
+            f"warning: MLflow tracking failed ({first}); the run directory is kept", file=sys.stderr
+        )
+        return {"status": "failed", "error": first, "uri": uri}
+    return {"status": "ok", "uri": uri, "run_id": run_id}
+
+
+def format_summary(record: dict[str, Any]) -> str:
+    """The accuracy matrix and the headline metrics as text."""
+    a = record["accuracy_matrix"]
+    n = len(a[0])
+    lines = ["accuracy matrix R[t][i] (rows: after experience t, columns: test experience i)"]
+    lines.append("      " + " ".join(f"{j + 1:>6}" for j in range(n)))
+    for i, row in enumerate(a):
+        lines.append(f"{i + 1:>5} " + " ".join(f"{v:6.3f}" for v in row))
+    m = record["metrics"]
+    for k in HEADLINE:
+        v = m.get(k)
+        lines.append(
+            f"{k:>30}: {v:.4f}" if isinstance(v, float) and math.isfinite(v) else f"{k:>30}: n/a"
+        )
+    e = record["efficiency"]
+    lines.append(f"{'trainable params':>30}: {e['trainable_params']}")
+    lines.append(f"{'train seconds':>30}: {e['train_seconds']:.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""MLflow tracking of a finished run record.
+
+The run directory is the source of truth; MLflow gets the same content. A tracking
+failure never loses the run: it is reported in one line and the directory stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+MAX_PARAM_LEN = 6000
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b.c": "value"} with lists JSON-encoded."""
+    out: dict[str, str] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            text = json.dumps(v) if isinstance(v, list | tuple) else str(v)
+            out[key] = text[:MAX_PARAM_LEN]
+    return out
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence MLflow's and alembic's chatter (migrations, 'View run at ...')."""
+    loggers = [logging.getLogger(n) for n in ("mlflow", "alembic")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+def log_run(record: Mapping[str, Any], run_dir: Path, uri: str | None, experiment: str) -> str:
+    """Log a run record (see clbench.runner) to MLflow; returns the MLflow run id."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with _quiet():
+        if uri:
+            mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=record["run_name"], tags=record["tags"]) as run:
+            params = flatten(record["config"])
+            items = sorted(params.items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i : i + 100]))
+            for step, values in enumerate(record["steps"]):
+                mlflow.log_metrics(_finite(values), step=step)
+            mlflow.log_metrics(_finite(record["metrics"]))
+            mlflow.log_metrics(_finite(record["efficiency"]))
+            mlflow.log_artifacts(str(run_dir))
+            return run.info.run_id
+
+
+def _finite(values: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, int | float) and v == v and abs(v) != float("inf"):
+            out[k] = float(v)
+    return out

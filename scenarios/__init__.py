@@ -1,0 +1,3 @@
+"""Built-in scenarios (importable as ``clbench.scenarios``); importing registers them."""
+
+from clbench.scenarios import digits  # noqa: F401

@@ -1,0 +1,85 @@
+"""What a scenario builder returns: an Avalanche benchmark plus what the protocol needs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
+from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+from avalanche.benchmarks.utils.classification_dataset import (
+    _as_taskaware_supervised_classification_dataset,
+)
+from torch.utils.data import TensorDataset
+
+PROTOCOL_KINDS = ("class_incremental", "test_time", "forgetting", "mil")
+
+
+@dataclass
+class Scenario:
+    """A built scenario: the Avalanche benchmark and its metadata."""
+
+    name: str
+    kind: str  # one of PROTOCOL_KINDS: which protocol loop runs it
+    benchmark: CLScenario
+    class_names: list[str]
+    input_shape: tuple[int, ...]  # (C, H, W) of one model input
+    in_memory: bool = True  # samples are stored tensors with no random transforms
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_stream(self) -> Any:
+        return self.benchmark.train_stream
+
+    @property
+    def test_stream(self) -> Any:
+        return self.benchmark.test_stream
+
+    @property
+    def num_experiences(self) -> int:
+        return len(self.benchmark.train_stream)
+
+    @property
+    def classes_per_experience(self) -> list[list[int]]:
+        return [sorted(int(c) for c in e.classes_in_this_experience) for e in self.train_stream]
+
+
+class LabelledTensors(TensorDataset):
+    """A TensorDataset of (x, y) exposing ``targets`` as Avalanche expects."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__(x, y)
+        self.targets = y.tolist()
+
+
+def class_incremental_from_tensors(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    class_order: Sequence[int],
+    n_experiences: int,
+) -> CLScenario:
+    """An Avalanche class-incremental benchmark whose labels are positions in ``class_order``.
+
+    Relabelling makes experience t hold labels [t*k, (t+1)*k), so a growing head's
+    units line up with arrival order (the PILOT convention).
+    """
+    n_classes = len(class_order)
+    if n_classes % n_experiences:
+        raise ValueError(f"{n_classes} classes do not split into {n_experiences} experiences")
+    remap = torch.empty(max(class_order) + 1, dtype=torch.long)
+    remap[torch.as_tensor(list(class_order))] = torch.arange(n_classes)
+    datasets = {
+        "train": _as_taskaware_supervised_classification_dataset(
+            LabelledTensors(x_train, remap[y_train])
+        ),
+        "test": _as_taskaware_supervised_classification_dataset(
+            LabelledTensors(x_test, remap[y_test])
+        ),
+    }
+    return class_incremental_benchmark(
+        datasets, class_order=list(range(n_classes)), num_experiences=n_experiences
+    )

@@ -1,0 +1,183 @@
+"""The base of every supervised clbench strategy: an Avalanche ``SupervisedTemplate``.
+
+A subclass sets ``Config`` (a dataclass: the schema of conf/strategy/NAME.yaml) and
+overrides :meth:`prepare_model` (freeze / inject adapters once) and, where the method
+needs it, the Avalanche hooks (``_before_training_exp``, ``_after_training_exp``,
+``criterion``...). Avalanche plugins (replay, schedulers, EvaluationPlugin) compose
+with it; an Avalanche user can use it without clbench's CLI.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+
+from clbench.checks import check_choice, check_positive
+from clbench.data import TensorBatches, materialise
+from clbench.models import ClassifierModel
+from clbench.seeding import derived_generator
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LOSS_MASKS = ("seen", "current")
+
+
+@dataclass
+class StrategyConfig:
+    """Training options shared by supervised strategies (schema of conf/strategy/*.yaml)."""
+
+    name: str = "???"
+    epochs: int = 5
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    # Which logits the training cross-entropy sees: "seen" = every class learned so
+    # far (plain fine-tuning), "current" = only the current experience's classes
+    # (InfLoRA / SD-LoRA / L2P's class mask).
+    loss_mask: str = "seen"
+
+    def __post_init__(self) -> None:
+        check_positive("strategy.epochs", self.epochs)
+        check_positive("strategy.batch_size", self.batch_size)
+        check_positive("strategy.eval_batch_size", self.eval_batch_size)
+        check_positive("strategy.lr", self.lr)
+        check_positive("strategy.weight_decay", self.weight_decay, allow_zero=True)
+        check_choice("strategy.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("strategy.loss_mask", self.loss_mask, LOSS_MASKS)
+
+
+class CLStrategy(SupervisedTemplate):
+    """A continual learner on a :class:`ClassifierModel` with a growing head."""
+
+    Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+    #: scenario kinds (protocols) this strategy can run
+    protocols: ClassVar[tuple[str, ...]] = ("class_incremental",)
+
+    def __init__(
+        self,
+        *,
+        model: ClassifierModel,
+        cfg: StrategyConfig,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        plugins: Sequence[SupervisedPlugin] | None = None,
+        evaluator: EvaluationPlugin | None = None,
+        in_memory: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.seed = seed
+        self.in_memory = in_memory
+        self.prepare_model(model)
+        placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        super().__init__(
+            model=model,
+            optimizer=placeholder,
+            train_mb_size=cfg.batch_size,
+            train_epochs=cfg.epochs,
+            eval_mb_size=cfg.eval_batch_size,
+            device=device,
+            plugins=list(plugins or []),
+            evaluator=evaluator if evaluator is not None else silent_evaluator(),
+        )
+        self.seen_classes: list[int] = []
+        self.current_classes: list[int] = []
+        self._epoch_counter = 0
+
+    # ----------------------------------------------------------------- hooks
+    def prepare_model(self, model: ClassifierModel) -> None:
+        """Called once before training: freeze parts, inject adapters. Default: train all."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def adapt_to_experience(self) -> None:
+        """Called at the start of each training experience, after the head has grown."""
+
+    # ------------------------------------------------------------ avalanche
+    def check_model_and_optimizer(self, **kwargs: Any) -> None:
+        self.model = self.model_adaptation()
+        self.adapt_to_experience()
+        self.make_optimizer()
+
+    def model_adaptation(self, model: nn.Module | None = None) -> nn.Module:
+        model = self.model if model is None else model
+        if self.is_training:
+            classes = sorted(int(c) for c in self.experience.classes_in_this_experience)
+            self.current_classes = classes
+            self.seen_classes = sorted(set(self.seen_classes) | set(classes))
+            model.head.grow(max(self.seen_classes) + 1)
+        return model.to(self.device)
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        params = self.trainable_parameters()
+        c = self.cfg
+        if c.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(
+                params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
+            )
+        elif c.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def make_train_dataloader(self, shuffle: bool = True, **kwargs: Any) -> None:
+        if not self.in_memory:
+            super().make_train_dataloader(shuffle=shuffle, **kwargs)
+            return
+        exp_id = int(self.experience.current_experience)
+        self.dataloader = TensorBatches(
+            materialise(self.adapted_dataset),
+            self.train_mb_size,
+            shuffle=shuffle,
+            generator=derived_generator(self.seed, exp_id),
+        )
+
+    def make_eval_dataloader(self, **kwargs: Any) -> None:
+        if not self.in_memory:
+            super().make_eval_dataloader(**kwargs)
+            return
+        self.dataloader = TensorBatches(
+            materialise(self.adapted_dataset), self.eval_mb_size, shuffle=False
+        )
+
+    def criterion(self) -> torch.Tensor:
+        logits, y = self.mb_output, self.mb_y
+        if not self.is_training:
+            if logits.shape[1] == 0 or int(y.max()) >= logits.shape[1]:
+                return torch.tensor(float("nan"))
+            return F.cross_entropy(logits, y)
+        if self.cfg.loss_mask == "current":
+            logits = mask_logits(logits, self.current_classes)
+        return F.cross_entropy(logits, y)
+
+    # --------------------------------------------------------------- inspect
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def num_inference_parameters(self) -> int:
+        """Parameters the deployed model needs at inference (after any merge)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def silent_evaluator() -> EvaluationPlugin:
+    """An EvaluationPlugin with no metrics and no loggers (clbench records its own)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return EvaluationPlugin(loggers=[])
+
+
+def mask_logits(logits: torch.Tensor, keep: Sequence[int]) -> torch.Tensor:
+    """Logits with every column outside ``keep`` set to -inf."""
+    mask = torch.full((logits.shape[1],), float("-inf"), device=logits.device)
+    mask[list(keep)] = 0.0
+    return logits + mask

@@ -1,0 +1,62 @@
+"""Reference points: full fine-tuning, linear probing and the joint upper bound."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from clbench.strategies.base import CLStrategy, StrategyConfig
+
+from clbench.models import ClassifierModel, empty_linear
+from clbench.registry import STRATEGIES
+
+
+@STRATEGIES.register("finetune")
+class Finetune(CLStrategy):
+    """Full fine-tuning of backbone and head on each experience in turn (naive lower bound)."""
+
+
+@STRATEGIES.register("linear_probe")
+class LinearProbe(CLStrategy):
+    """Frozen pretrained backbone; only the growing linear head trains."""
+
+    def prepare_model(self, model: ClassifierModel) -> None:
+        model.backbone.requires_grad_(False)
+
+
+@dataclass
+class JointConfig(StrategyConfig):
+    # Retrain from the initial model at every step on all data seen so far, so each
+    # row of the accuracy matrix is the joint upper bound for the classes seen up to
+    # then (False: keep training the current model on the union, Avalanche-style).
+    reset_each_step: bool = True
+
+
+@STRATEGIES.register("joint")
+class Joint(CLStrategy):
+    """Upper bound: at step t, train on the union of experiences 0..t at once."""
+
+    Config = JointConfig
+    cfg: JointConfig
+
+    def __init__(self, *, model: ClassifierModel, cfg: JointConfig, **kwargs: Any) -> None:
+        super().__init__(model=model, cfg=cfg, **kwargs)
+        self._initial_state = copy.deepcopy(model.state_dict())
+        self._seen_datasets: list[Any] = []
+
+    def train_dataset_adaptation(self, **kwargs: Any) -> None:
+        self._seen_datasets.append(self.experience.dataset)
+        data = self._seen_datasets[0]
+        for d in self._seen_datasets[1:]:
+            data = data.concat(d)
+        self.adapted_dataset = data.train()
+
+    def adapt_to_experience(self) -> None:
+        self.current_classes = list(self.seen_classes)  # the "current" data is all seen data
+        if self.cfg.reset_each_step:
+            head_size = self.model.head.num_classes
+            self.model.head.fc = empty_linear(self.model.head.in_features)
+            self.model.load_state_dict(self._initial_state)
+            self.model.head.grow(head_size)
+            self.model.to(self.device)
