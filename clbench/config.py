@@ -68,18 +68,46 @@ def typed(group: str, node: DictConfig) -> Any:
 
 
 def _omegaconf_message(group: str, e: OmegaConfBaseException, schema: type) -> str:
-    key = f"{group}.{e.full_key}" if getattr(e, "full_key", None) else group
+    prefix = f"{group}." if group else ""
+    key = f"{prefix}{e.full_key}" if getattr(e, "full_key", None) else group
     fields = sorted(f.name for f in dataclasses.fields(schema))
     msg = str(e).splitlines()[0]
     if "not in struct" in msg or ("Key '" in msg and "not" in msg):
-        return f"unknown key {key!r}; valid keys: {', '.join(f'{group}.{f}' for f in fields)}"
-    value = getattr(e, "value", None)
-    expected = msg.rpartition("converted to ")[2].strip() if "converted to" in msg else msg
-    return f"invalid value for {key}: {value!r}; expected {expected.lower()}"
+        return f"unknown key {key!r}; valid keys: {', '.join(prefix + f for f in fields)}"
+    if "converted to" in msg:
+        expected = msg.rpartition("converted to ")[2].strip().lower()
+    elif "valid bool" in msg:
+        expected = "a boolean (true or false)"
+    else:
+        expected = msg
+    return f"invalid value for {key}: {getattr(e, 'value', None)!r}; expected {expected}"
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "clbench"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Schema of the top-level keys of conf/config.yaml (component groups checked apart)."""
+
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    runs_dir: str = "runs"
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
     """Check a composed config; returns {group: typed Config} for the component groups."""
+    top = {k: cfg[k] for k in cfg if k not in (*COMPONENT_GROUPS, "hydra")}
+    try:
+        OmegaConf.merge(OmegaConf.structured(RunConfig), top)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message("", e, RunConfig)) from None
     out = {}
     for group in COMPONENT_GROUPS:
         node = cfg.get(group)
@@ -88,8 +116,6 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         if node.name not in REGISTRIES[group]:
             raise unknown_choice(group, node.name, REGISTRIES[group].names())
         out[group] = typed(group, node)
-    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
-        raise ConfigError(f"invalid value for seed: {cfg.get('seed')!r}; must be an integer")
     resolve_device(str(cfg.get("device", "cpu")))
     return out
 

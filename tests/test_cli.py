@@ -65,7 +65,8 @@ def test_multirun_runs_every_job(tmp_path):
         ("strategy.lr=-1", "invalid value for strategy.lr: -1.0; must be > 0"),
         ("strategy.optimizer=rmsprop", "invalid value for strategy.optimizer: 'rmsprop'; valid"),
         ("scenario.n_experiences=3", "invalid value for scenario.n_experiences: 3"),
-        ("seed=abc", "invalid value for seed: 'abc'"),
+        ("seed=abc", "invalid value for seed: 'abc'; expected integer"),
+        ("tracking.enabled=maybe", "tracking.enabled: 'maybe'; expected a boolean"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, override, expected):
