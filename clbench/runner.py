@@ -74,6 +74,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"it supports: {', '.join(strategy_cls.protocols)}"
         )
     seed_everything(int(cfg.seed))  # building the scenario/backbone must not shift the seed
+    backbone.meta["params"] = sum(p.numel() for p in backbone.module.parameters())
     model = ClassifierModel(backbone.module, backbone.feature_dim)
     strategy = strategy_cls(
         model=model,
@@ -82,6 +83,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         device=device,
         plugins=[ProgressPlugin(scenario.num_experiences, enabled=progress)],
         in_memory=scenario.in_memory,
+        n_experiences=scenario.num_experiences,
     )
 
     def on_step(t: int, agnostic: list[float], aware: list[float]) -> None:
@@ -158,9 +160,9 @@ def build_record(
         "metrics": metrics,
         "steps": per_step,
         "efficiency": {
-            "trainable_params": strategy.num_trainable_parameters(),
+            "trainable_params": max(result.trainable_params),
             "inference_params": strategy.num_inference_parameters(),
-            "backbone_params": sum(p.numel() for p in backbone.module.parameters()),
+            "backbone_params": backbone.meta["params"],
             "train_steps": steps_total,
             "seconds_per_step": train_total / max(steps_total, 1),
             "train_seconds": train_total,

@@ -73,8 +73,10 @@ class CLStrategy(SupervisedTemplate):
         plugins: Sequence[SupervisedPlugin] | None = None,
         evaluator: EvaluationPlugin | None = None,
         in_memory: bool = True,
+        n_experiences: int | None = None,
     ) -> None:
         self.cfg = cfg
+        self.n_experiences = n_experiences  # length of the stream, for methods that schedule on it
         self.seed = seed
         self.in_memory = in_memory
         self.prepare_model(model)

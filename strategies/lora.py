@@ -1,12 +1,24 @@
-"""Sequential LoRA: the baseline of the LoRA family (METHODS.md)."""
+"""LoRA-family learners on a frozen backbone (METHODS.md, "LoRA family").
+
+All of them are built from the shared blocks in ``clbench.adapters.lora``:
+
+- ``lora``: sequential LoRA, the baseline: one LoRA trained on each experience in turn.
+- ``olora``: O-LoRA (Wang et al. 2023): frozen past factors, a fresh rank-r pair per
+  task, an L1 penalty on ``A_old A_new^T`` pushing the new subspace orthogonal to the old.
+- ``sdlora``: SD-LoRA (ICLR 2025): past directions frozen and normalised, a learnable
+  magnitude for every direction.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+import torch
 from clbench.strategies.base import CLStrategy, StrategyConfig
 
-from clbench.adapters.lora import VALID_TARGETS, add_blocks, lora_layers
+from clbench.adapters.lora import VALID_TARGETS, LoRABlock, LoRALinear, add_blocks, lora_layers
 from clbench.checks import check_choice, check_positive
 from clbench.models import ClassifierModel
 from clbench.registry import STRATEGIES
@@ -18,9 +30,6 @@ class LoRAConfig(StrategyConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
-    # After each experience: merge the LoRA into the frozen weights and start a fresh
-    # one (True), or keep training the same LoRA on the next experience (False).
-    merge_after_task: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -30,38 +39,147 @@ class LoRAConfig(StrategyConfig):
             check_choice("strategy.targets", t, VALID_TARGETS)
 
 
-@STRATEGIES.register("lora")
-class SequentialLoRA(CLStrategy):
-    """One LoRA per target linear on a frozen backbone, trained on each experience in turn."""
+class LoRAStrategy(CLStrategy):
+    """Frozen backbone + LoRA blocks on the configured targets; the head trains."""
 
     Config = LoRAConfig
     cfg: LoRAConfig
+    block_kwargs: ClassVar[dict[str, object]] = {}
 
     def prepare_model(self, model: ClassifierModel) -> None:
         model.backbone.requires_grad_(False)
-        self._add_lora(model)
+        self.tasks_seen = 0
+        self.new_blocks: list[LoRABlock] = self._add_blocks(model)
 
-    def _add_lora(self, model: ClassifierModel) -> None:
-        add_blocks(
-            model.backbone,
+    def _add_blocks(self, model: torch.nn.Module) -> list[LoRABlock]:
+        return add_blocks(
+            model.backbone if isinstance(model, ClassifierModel) else model,
             self.cfg.targets,
             self.cfg.rank,
             self.cfg.alpha,
             dropout=self.cfg.dropout,
+            **self.block_kwargs,
         )
 
-    def _after_training_exp(self, **kwargs: object) -> None:
-        if self.cfg.merge_after_task:
-            for layer in lora_layers(self.model).values():
-                layer.merge_and_clear()
-            self._add_lora(self.model)
-        super()._after_training_exp(**kwargs)
+    def lora_layers(self) -> dict[str, LoRALinear]:
+        return lora_layers(self.model)
+
+    def old_blocks(self) -> Iterator[LoRABlock]:
+        new = {id(b) for b in self.new_blocks}
+        for layer in self.lora_layers().values():
+            for b in layer.blocks:
+                if id(b) not in new:
+                    yield b
+
+    def adapt_to_experience(self) -> None:
+        if self.tasks_seen > 0:
+            self.start_new_task()
+        self.tasks_seen += 1
+
+    def start_new_task(self) -> None:
+        """Called before every experience but the first. Default: keep training."""
 
     def num_inference_parameters(self) -> int:
         """Backbone + head parameters once every LoRA is merged into its base weight."""
         lora = sum(
-            p.numel()
-            for layer in lora_layers(self.model).values()
-            for p in layer.blocks.parameters()
+            p.numel() for layer in self.lora_layers().values() for p in layer.blocks.parameters()
         )
         return super().num_inference_parameters() - lora
+
+
+@dataclass
+class SequentialLoRAConfig(LoRAConfig):
+    # After each experience: merge the LoRA into the frozen weights and start a fresh
+    # one (True), or keep training the same LoRA on the next experience (False).
+    merge_after_task: bool = False
+
+
+@STRATEGIES.register("lora")
+class SequentialLoRA(LoRAStrategy):
+    """One LoRA per target linear on a frozen backbone, trained on each experience in turn."""
+
+    Config = SequentialLoRAConfig
+    cfg: SequentialLoRAConfig
+
+    def start_new_task(self) -> None:
+        if self.cfg.merge_after_task:
+            for layer in self.lora_layers().values():
+                layer.merge_and_clear()
+            self.new_blocks = self._add_blocks(self.model)
+
+
+@dataclass
+class OLoRAConfig(LoRAConfig):
+    # weight of sum_layers ||A_old A_new^T||_1 (O-LoRA lamda_1) and of ||new params||_2
+    l1: float = 0.5
+    l2: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("strategy.l1", self.l1, allow_zero=True)
+        check_positive("strategy.l2", self.l2, allow_zero=True)
+
+
+@STRATEGIES.register("olora")
+class OLoRA(LoRAStrategy):
+    """O-LoRA: a fresh LoRA per task kept orthogonal to the frozen past ones."""
+
+    Config = OLoRAConfig
+    cfg: OLoRAConfig
+
+    def start_new_task(self) -> None:
+        for layer in self.lora_layers().values():
+            layer.freeze_blocks()  # == concatenating A_old/A_new (rows), B_old/B_new (cols)
+        self.new_blocks = self._add_blocks(self.model)
+
+    def orthogonality(self) -> torch.Tensor:
+        """sum over layers and targets of the element-wise L1 norm of A_old A_new^T."""
+        total = torch.zeros(())
+        for layer in self.lora_layers().values():
+            new = [b for b in layer.blocks if b.A.requires_grad]
+            old = [b for b in layer.blocks if not b.A.requires_grad]
+            for n in new:
+                for o in old:
+                    if o.out_slice == n.out_slice:  # same target (q with q, v with v)
+                        total = total + (o.A @ n.A.T).abs().sum()
+        return total
+
+    def criterion(self) -> torch.Tensor:
+        loss = super().criterion()
+        if not self.is_training:
+            return loss
+        if self.cfg.l1 > 0:
+            loss = loss + self.cfg.l1 * self.orthogonality()
+        if self.cfg.l2 > 0:
+            loss = loss + self.cfg.l2 * sum(
+                torch.linalg.norm(p) for b in self.new_blocks for p in (b.A, b.B)
+            )
+        return loss
+
+
+@dataclass
+class SDLoRAConfig(LoRAConfig):
+    # initial value of every magnitude a_i (SD-LoRA: 0.8)
+    magnitude_init: float = 0.8
+
+
+@STRATEGIES.register("sdlora")
+class SDLoRA(LoRAStrategy):
+    """SD-LoRA: frozen, normalised past directions with learnable magnitudes."""
+
+    Config = SDLoRAConfig
+    cfg: SDLoRAConfig
+
+    def prepare_model(self, model: ClassifierModel) -> None:
+        self.block_kwargs = {"magnitude": self.cfg.magnitude_init}  # type: ignore[misc]
+        super().prepare_model(model)
+
+    def start_new_task(self) -> None:
+        for b in self.new_blocks:
+            # dW_i = a_i B_i A_i / (||B_i||_F ||A_i||_F): direction frozen, magnitude trains.
+            # The switch to the normalised form is not function-preserving; the magnitude
+            # is re-learnt on the next task, as in the method's formulation.
+            b.A.requires_grad_(False)
+            b.B.requires_grad_(False)
+            b.normalized = True
+        self.new_blocks = self._add_blocks(self.model)

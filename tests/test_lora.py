@@ -92,3 +92,16 @@ def test_only_the_newest_block_trains_after_freeze():
     assert not any(p.requires_grad for p in old.parameters())
     assert all(p.requires_grad for p in new.parameters())
     assert not layer.base.weight.requires_grad
+
+
+def test_normalized_block_scales_unit_direction_by_magnitude():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(5, 7))
+    b = layer.add_block(2, 2.0, magnitude=0.8, normalized=True)
+    with torch.no_grad():
+        b.B.normal_()
+    direction = b.B @ b.A / (torch.linalg.norm(b.B) * torch.linalg.norm(b.A))
+    assert torch.allclose(layer.delta_weight(), 0.8 * direction, atol=1e-6)
+    with torch.no_grad():
+        b.B.mul_(3.0)  # rescaling the factors leaves a normalised update unchanged
+    assert torch.allclose(layer.delta_weight(), 0.8 * direction, atol=1e-6)

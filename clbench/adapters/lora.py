@@ -6,18 +6,31 @@ block is ``B @ A`` (A: in -> r down-projection, B: r -> out up-projection) scale
 optionally writing only a slice of the output (so a fused qkv projection can carry
 LoRA on q, k or v alone). Past blocks are frozen, the current one trains; ``merge()``
 folds every block into the base weight for zero inference overhead.
+
+Two backbone layouts are understood, and may be mixed in one model:
+
+- timm ViT: ``blocks[i].attn.qkv`` / ``attn.proj`` / ``mlp.fc1`` / ``mlp.fc2`` are plain
+  linears and are wrapped in place.
+- open_clip towers: ``resblocks[i].attn`` is an ``nn.MultiheadAttention`` whose forward reads
+  the fused ``in_proj_weight`` directly, so it is first swapped for
+  :class:`LoRAMultiheadAttention` (same call signature, the same parameter objects, the
+  projections called as modules); its ``in_proj`` / ``out_proj`` and ``mlp.c_fc`` /
+  ``mlp.c_proj`` are then wrapped like any linear.
+
+Target names are shared (``proj``/``out_proj``, ``fc1``/``c_fc``, ``fc2``/``c_proj`` are
+aliases), so one strategy config applies to either backbone.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: target name -> (module name suffix, output slice index within a fused qkv or None)
+#: per layout: target name -> (module name suffix, output slice index within a fused qkv or None)
 _TIMM_VIT_TARGETS: dict[str, tuple[str, int | None]] = {
     "qkv": ("attn.qkv", None),
     "q": ("attn.qkv", 0),
@@ -27,11 +40,41 @@ _TIMM_VIT_TARGETS: dict[str, tuple[str, int | None]] = {
     "fc1": ("mlp.fc1", None),
     "fc2": ("mlp.fc2", None),
 }
-VALID_TARGETS = tuple(_TIMM_VIT_TARGETS)
+_OPEN_CLIP_TARGETS: dict[str, tuple[str, int | None]] = {
+    "qkv": ("attn.in_proj", None),
+    "q": ("attn.in_proj", 0),
+    "k": ("attn.in_proj", 1),
+    "v": ("attn.in_proj", 2),
+    "out_proj": ("attn.out_proj", None),
+    "c_fc": ("mlp.c_fc", None),
+    "c_proj": ("mlp.c_proj", None),
+}
+#: names that mean the same layer in the other layout
+_ALIASES = {"proj": "out_proj", "out_proj": "proj", "fc1": "c_fc", "c_fc": "fc1"}
+_ALIASES |= {"fc2": "c_proj", "c_proj": "fc2"}
+_LAYOUTS = {"timm": _TIMM_VIT_TARGETS, "open_clip": _OPEN_CLIP_TARGETS}
+VALID_TARGETS = (*_TIMM_VIT_TARGETS, "out_proj", "c_fc", "c_proj")
+#: targets living in the attention (an open_clip MHA must be swapped for them)
+_ATTENTION_TARGETS = frozenset({"qkv", "q", "k", "v", "proj", "out_proj"})
+TOWERS = ("image", "text", "both")
+
+
+def _specs(target: str) -> list[tuple[str, int | None]]:
+    """(suffix, qkv part) of ``target`` in every layout, aliases resolved."""
+    specs = []
+    for table in _LAYOUTS.values():
+        name = target if target in table else _ALIASES.get(target, target)
+        if name in table:
+            specs.append(table[name])
+    return specs
 
 
 class LoRABlock(nn.Module):
-    """One rank-r update ``scale * B diag(gate) A`` on (a slice of) a linear's output."""
+    """One rank-r update ``scale * m * B diag(gate) A`` on (a slice of) a linear's output.
+
+    ``m`` is the optional learnable magnitude; with ``normalized`` the direction is
+    divided by ``||B||_F ||A||_F`` (SD-LoRA).
+    """
 
     def __init__(
         self,
@@ -43,6 +86,7 @@ class LoRABlock(nn.Module):
         out_slice: tuple[int, int] | None = None,
         gated: bool = False,
         magnitude: float | None = None,
+        normalized: bool = False,
     ) -> None:
         super().__init__()
         if rank < 1:
@@ -61,9 +105,14 @@ class LoRABlock(nn.Module):
             nn.Parameter(torch.tensor(float(magnitude))) if magnitude is not None else None
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # SD-LoRA: the direction B A enters divided by ||B||_F ||A||_F
+        self.normalized = normalized
 
     def _coef(self) -> torch.Tensor | float:
-        return self.scale if self.magnitude is None else self.scale * self.magnitude
+        coef = self.scale if self.magnitude is None else self.scale * self.magnitude
+        if self.normalized:
+            coef = coef / (torch.linalg.norm(self.B) * torch.linalg.norm(self.A)).clamp_min(1e-12)
+        return coef
 
     def delta_weight(self) -> torch.Tensor:
         """The (out_features, in_features) update this block adds to the base weight."""
@@ -160,58 +209,302 @@ class LoRALinear(nn.Module):
         return y
 
 
+class LoRAMultiheadAttention(nn.Module):
+    """Drop-in for a fused ``nn.MultiheadAttention`` whose projections are called as modules.
+
+    ``in_proj`` is an ``nn.Linear`` over the original ``in_proj_weight`` / ``in_proj_bias``
+    parameter objects (rows q, k, v) and ``out_proj`` is the original module, so either can be
+    wrapped in a :class:`LoRALinear` and ``merge()`` folds the update into the very weight
+    inference uses. Call signature and return value are ``nn.MultiheadAttention.forward``'s
+    (masks, ``batch_first``, unbatched input, dropout); attention runs through
+    ``F.scaled_dot_product_attention``, or an explicit softmax when ``need_weights``.
+    """
+
+    _qkv_same_embed_dim = True
+    bias_k = None
+    bias_v = None
+    add_zero_attn = False
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        if not self.supports(mha):
+            raise ValueError(
+                "LoRA needs a fused-in-projection nn.MultiheadAttention "
+                "(kdim = vdim = embed_dim, no bias_k/bias_v, no add_zero_attn)"
+            )
+        self.embed_dim = mha.embed_dim
+        self.kdim = self.vdim = mha.embed_dim
+        self.num_heads = mha.num_heads
+        self.head_dim = mha.head_dim
+        self.dropout = mha.dropout
+        self.batch_first = mha.batch_first
+        has_bias = mha.in_proj_bias is not None
+        in_proj = nn.Linear(self.embed_dim, 3 * self.embed_dim, bias=has_bias, device="meta")
+        in_proj.weight = mha.in_proj_weight
+        if has_bias:
+            in_proj.bias = mha.in_proj_bias
+        self.in_proj: nn.Linear | LoRALinear = in_proj
+        self.out_proj: nn.Linear | LoRALinear = mha.out_proj
+        self.train(mha.training)
+
+    @staticmethod
+    def supports(mha: nn.MultiheadAttention) -> bool:
+        """Whether ``mha`` has the fused layout this module reproduces exactly."""
+        return mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
+
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        return self.in_proj.weight
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor | None:
+        return self.in_proj.bias
+
+    def to_multihead_attention(self) -> nn.MultiheadAttention:
+        """An ``nn.MultiheadAttention`` on the same parameter objects (LoRA unloaded first)."""
+        if isinstance(self.in_proj, LoRALinear) or isinstance(self.out_proj, LoRALinear):
+            raise RuntimeError("unload the LoRALinear projections first (see unload_lora)")
+        mha = nn.MultiheadAttention(
+            self.embed_dim,
+            self.num_heads,
+            dropout=self.dropout,
+            bias=self.in_proj.bias is not None,
+            batch_first=self.batch_first,
+            device="meta",
+        )
+        mha.in_proj_weight = self.in_proj.weight
+        mha.in_proj_bias = self.in_proj.bias
+        mha.out_proj = self.out_proj
+        return mha.train(self.training)
+
+    def _project(self, x: torch.Tensor, part: int) -> torch.Tensor:
+        """Rows ``part`` (0 q, 1 k, 2 v) of the in-projection of ``x`` (cross-attention)."""
+        lo, hi = part * self.embed_dim, (part + 1) * self.embed_dim
+        proj = self.in_proj
+        if isinstance(proj, LoRALinear) and not proj.merged and len(proj.blocks) > 0:
+            return proj(x)[..., lo:hi]
+        bias = proj.bias
+        return F.linear(x, proj.weight[lo:hi], None if bias is None else bias[lo:hi])
+
+    def _additive_mask(
+        self,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        is_causal: bool,
+        shape: tuple[int, int, int],
+        like: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """One float mask broadcastable to (N, H, L, S); bool entries True mean "masked"."""
+        n, length, src = shape
+
+        def additive(m: torch.Tensor) -> torch.Tensor:
+            if m.dtype != torch.bool:
+                return m.to(like.dtype)
+            return torch.zeros(m.shape, dtype=like.dtype, device=like.device).masked_fill_(
+                m, float("-inf")
+            )
+
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(length, src, dtype=torch.bool, device=like.device).triu_(1)
+        mask = None
+        if attn_mask is not None:
+            mask = additive(attn_mask)
+            if mask.dim() == 3:  # (N * H, L, S)
+                mask = mask.view(n, self.num_heads, length, src)
+        if key_padding_mask is not None:
+            pad = additive(key_padding_mask).view(n, 1, 1, src)
+            mask = pad if mask is None else mask + pad
+        return mask
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self_attention = query is key and key is value
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if self_attention:  # one fused matmul, as in nn.MultiheadAttention
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+        else:
+            q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
+        n, length, _ = q.shape
+        src = k.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = q.reshape(n, length, h, d).transpose(1, 2)
+        k = k.reshape(n, src, h, d).transpose(1, 2)
+        v = v.reshape(n, src, h, d).transpose(1, 2)
+        mask = self._additive_mask(attn_mask, key_padding_mask, is_causal, (n, length, src), q)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q * d**-0.5) @ k.transpose(-2, -1)
+            attn = (scores if mask is None else scores + mask).softmax(dim=-1)
+            out = F.dropout(attn, p) @ v if p > 0 else attn @ v
+            weights = attn.mean(dim=1) if average_attn_weights else attn
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim))
+        if unbatched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
+
+
+def _matches(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def _tower_filter(model: nn.Module, tower: str | None) -> Callable[[str], bool]:
+    """Predicate on qualified module names selecting ``tower`` of a CLIP model."""
+    if tower is None or tower == "both":
+        return lambda name: True
+    if tower not in TOWERS:
+        raise ValueError(f"unknown tower {tower!r}; valid towers: {', '.join(TOWERS)}")
+    if not isinstance(getattr(model, "visual", None), nn.Module):
+        raise ValueError(f"tower={tower!r} needs a CLIP model with an image tower at .visual")
+
+    def in_image(name: str) -> bool:
+        return name == "visual" or name.startswith("visual.")
+
+    return in_image if tower == "image" else (lambda name: not in_image(name))
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """All LoRALinear modules of ``model`` by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def inject_lora(model: nn.Module, targets: Sequence[str]) -> dict[str, LoRALinear]:
-    """Wrap every linear named by ``targets`` in ``model`` (a timm ViT) with LoRALinear.
+def inject_lora(
+    model: nn.Module, targets: Sequence[str], tower: str | None = None
+) -> dict[str, LoRALinear]:
+    """Wrap every linear named by ``targets`` in ``model`` with LoRALinear.
 
-    Returns ``{module name: LoRALinear}`` for the wrapped modules (idempotent: layers
-    already wrapped are reused). Blocks are added separately with :func:`add_blocks`.
+    ``model`` is a timm ViT, an open_clip CLIP model or tower, or any module holding their
+    blocks. ``tower`` restricts a CLIP model to ``"image"`` (``model.visual``), ``"text"``
+    (everything outside ``model.visual``) or ``"both"``; ``None`` means the whole model.
+    Attention targets first swap each open_clip ``*.attn`` ``nn.MultiheadAttention`` for a
+    :class:`LoRAMultiheadAttention` (a non-fused one, e.g. a cross-attention pooler with
+    another key width, is left alone). Returns ``{module name: LoRALinear}`` for the wrapped
+    modules (idempotent: layers already wrapped are reused). Blocks are added separately
+    with :func:`add_blocks`.
     """
-    bad = [t for t in targets if t not in _TIMM_VIT_TARGETS]
+    bad = [t for t in targets if t not in VALID_TARGETS]
     if bad:
         raise ValueError(
             f"unknown LoRA target {bad[0]!r}; valid targets: {', '.join(VALID_TARGETS)}"
         )
-    suffixes = {_TIMM_VIT_TARGETS[t][0] for t in targets}
+    in_tower = _tower_filter(model, tower)
+    if any(t in _ATTENTION_TARGETS for t in targets):
+        for name, module in list(model.named_modules()):
+            if (
+                isinstance(module, nn.MultiheadAttention)
+                and _matches(name, "attn")
+                and in_tower(name)
+                and LoRAMultiheadAttention.supports(module)
+            ):
+                _set_submodule(model, name, LoRAMultiheadAttention(module))
+    suffixes = {suffix for t in targets for suffix, _ in _specs(t)}
     wrapped: dict[str, LoRALinear] = {}
     for name, module in list(model.named_modules()):
-        for suffix in suffixes:
-            if name == suffix or name.endswith("." + suffix):
-                parent_name, _, attr = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                if isinstance(module, LoRALinear):
-                    wrapped[name] = module
-                elif isinstance(module, nn.Linear):
-                    wrapped[name] = LoRALinear(module)
-                    setattr(parent, attr, wrapped[name])
+        if not (in_tower(name) and any(_matches(name, s) for s in suffixes)):
+            continue
+        if isinstance(module, LoRALinear):
+            wrapped[name] = module
+        elif isinstance(module, nn.Linear):
+            wrapped[name] = LoRALinear(module)
+            _set_submodule(model, name, wrapped[name])
     if not wrapped:
         raise ValueError(f"no layer of the model matches LoRA targets {list(targets)}")
     return wrapped
 
 
 def add_blocks(
-    model: nn.Module, targets: Sequence[str], rank: int, alpha: float, **kwargs: object
+    model: nn.Module,
+    targets: Sequence[str],
+    rank: int,
+    alpha: float,
+    *,
+    tower: str | None = None,
+    **kwargs: object,
 ) -> list[LoRABlock]:
-    """Inject (if needed) and add one new block per target; q/k/v get output slices."""
-    layers = inject_lora(model, targets)
+    """Inject (if needed) and add one new block per target; q/k/v get output slices.
+
+    ``tower`` is :func:`inject_lora`'s; ``kwargs`` go to :meth:`LoRALinear.add_block`.
+    """
+    layers = inject_lora(model, targets, tower)
     blocks: list[LoRABlock] = []
     for target in targets:
-        suffix, part = _TIMM_VIT_TARGETS[target]
-        for name, layer in layers.items():
-            if not (name == suffix or name.endswith("." + suffix)):
-                continue
-            out_slice = None
-            if part is not None:
-                width = layer.out_features // 3
-                out_slice = (part * width, (part + 1) * width)
-            blocks.append(layer.add_block(rank, alpha, out_slice=out_slice, **kwargs))
+        for suffix, part in _specs(target):
+            for name, layer in layers.items():
+                if not _matches(name, suffix):
+                    continue
+                out_slice = None
+                if part is not None:
+                    width = layer.out_features // 3
+                    out_slice = (part * width, (part + 1) * width)
+                blocks.append(layer.add_block(rank, alpha, out_slice=out_slice, **kwargs))
     return blocks
 
 
 def merge_all(layers: Iterable[LoRALinear]) -> None:
     for layer in layers:
         layer.merge_and_clear()
+
+
+@torch.no_grad()
+def unload_lora(model: nn.Module) -> None:
+    """Merge every LoRA into its weight for good and restore the bare backbone's modules.
+
+    Each LoRALinear becomes its (merged) base ``nn.Linear`` and each
+    LoRAMultiheadAttention an ``nn.MultiheadAttention`` on the same parameters, so
+    ``model`` has the original architecture, parameter names and inference cost again.
+    """
+    for name, layer in list(lora_layers(model).items()):
+        layer.merge_and_clear()
+        if name:  # a bare LoRALinear passed as ``model`` can only be merged in place
+            _set_submodule(model, name, layer.base)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRAMultiheadAttention):
+            _set_submodule(model, name, module.to_multihead_attention())
+
+
+@torch.no_grad()
+def prune_zero_ranks(block: LoRABlock) -> int:
+    """Drop the ranks of a gated block whose gate is exactly zero; returns the ranks kept.
+
+    A zero-gate rank contributes nothing, so the block's output is unchanged. A block
+    whose every gate is zero keeps one (zero) rank so that its shapes stay valid.
+    """
+    if block.gate is None:
+        return block.rank
+    keep = (block.gate != 0).nonzero().flatten()
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=block.gate.device)
+    if keep.numel() < block.rank:
+        grads = block.A.requires_grad
+        block.A = nn.Parameter(block.A[keep].clone(), requires_grad=grads)
+        block.B = nn.Parameter(block.B[:, keep].clone(), requires_grad=grads)
+        block.gate = nn.Parameter(block.gate[keep].clone(), requires_grad=grads)
+        block.rank = int(keep.numel())
+    return block.rank

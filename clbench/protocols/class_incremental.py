@@ -73,6 +73,7 @@ class ClassIncrementalResult:
     train_seconds: list[float] = field(default_factory=list)
     eval_seconds: list[float] = field(default_factory=list)
     train_steps: list[int] = field(default_factory=list)
+    trainable_params: list[int] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         out = metrics.class_incremental_summary(
@@ -121,6 +122,7 @@ def run_class_incremental(
             res.train_seconds.append(time.perf_counter() - t0)
             strategy.plugins.remove(steps)
             res.train_steps.append(steps.count)
+            res.trainable_params.append(steps.trainable)
             t0 = time.perf_counter()
             agnostic, aware = evaluate()
             res.eval_seconds.append(time.perf_counter() - t0)
@@ -134,11 +136,15 @@ def run_class_incremental(
 
 
 class StepCounter(SupervisedPlugin):
-    """Counts optimiser steps and guards against a diverging loss."""
+    """Counts optimiser steps, notes the trainable parameters, guards against a diverging loss."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.trainable = 0
+
+    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        self.trainable = max(self.trainable, strategy.num_trainable_parameters())
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         self.count += 1
