@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from helpers import FAST, only_run_dir, results_of, run_cli
 
 

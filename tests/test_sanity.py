@@ -9,13 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import only_run_dir, results_of, run_cli
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from clbench.backbones.micro_vit import build_micro_vit
 from clbench.pretrain.train import load_micro_vit
 from clbench.registry import SCENARIOS
+from helpers import only_run_dir, results_of, run_cli
+
+LORA_FAMILY = ("lora", "olora", "sdlora", "inflora", "dyrank", "inc_rank")
 
 
 def _probe_accuracy(vit) -> float:
@@ -49,7 +51,7 @@ def test_pretrained_features_beat_random_init(pretrained):
 def default_runs(pretrained, tmp_path_factory):
     root = tmp_path_factory.mktemp("sanity")
     out = {}
-    for name in ("finetune", "joint", "lora"):
+    for name in ("finetune", "joint", *LORA_FAMILY):
         args = [
             "run",
             f"strategy={name}",
@@ -72,3 +74,10 @@ def test_joint_reaches_high_final_accuracy(default_runs):
 
 def test_lora_forgets_less_than_finetune(default_runs):
     assert default_runs["lora"]["forgetting"] < default_runs["finetune"]["forgetting"]
+
+
+@pytest.mark.parametrize("name", LORA_FAMILY[1:])
+def test_lora_family_forgets_less_than_finetune(default_runs, name):
+    # inc_rank is task-incremental (the task id picks its selector): compare task-aware
+    key = "task_aware/forgetting" if name == "inc_rank" else "forgetting"
+    assert default_runs[name][key] < default_runs["finetune"][key]
