@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 import clbench
 from clbench import plots, tracking
 from clbench.config import resolve_device, to_container, validate
 from clbench.errors import ClbenchError
-from clbench.models import ClassifierModel
+from clbench.models import ClassifierModel, ClipClassifier
 from clbench.progress import ProgressPlugin
 from clbench.protocols.class_incremental import ClassIncrementalResult, run_class_incremental
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
@@ -51,6 +52,40 @@ def git_commit() -> str:
         return "unknown"
 
 
+def input_shapes(backbone: Any) -> list[tuple[int | None, ...]]:
+    """The (C, H, W) input shapes a backbone declares (``None``: any size)."""
+    return [tuple(s) for s in backbone.meta.get("input_shapes", [backbone.input_shape])]
+
+
+def accepts_input(backbone: Any, shape: tuple[int, ...]) -> bool:
+    """Whether ``backbone`` takes one input of ``shape``."""
+    return any(
+        len(s) == len(shape) and all(a is None or a == b for a, b in zip(s, shape, strict=True))
+        for s in input_shapes(backbone)
+    )
+
+
+def describe_input_shapes(backbone: Any) -> str:
+    shapes = [
+        "(" + ", ".join("any" if d is None else str(d) for d in s) + ")"
+        for s in input_shapes(backbone)
+    ]
+    return " or ".join(shapes)
+
+
+def build_model(backbone: Any, scenario: Any) -> nn.Module:
+    """The classifier strategies train: a text-embedding head on CLIP, else a linear head."""
+    if backbone.meta.get("kind") == "clip":
+        return ClipClassifier(
+            backbone.module,
+            backbone.meta["tokenizer"],
+            scenario.class_names,
+            template=backbone.meta["template"],
+            input_adapter=backbone.meta.get("input_adapter"),
+        )
+    return ClassifierModel(backbone.module, backbone.feature_dim)
+
+
 def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one configured job into ``run_dir``; returns the run record (results.json)."""
     wall0 = time.perf_counter()
@@ -62,10 +97,11 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     scenario = SCENARIOS.get(cfg.scenario.name)(typed["scenario"])
     backbone = BACKBONES.get(cfg.backbone.name)(typed["backbone"])
-    if tuple(backbone.input_shape) != tuple(scenario.input_shape):
+    if not accepts_input(backbone, scenario.input_shape):
         raise ClbenchError(
-            f"backbone {backbone.name!r} takes inputs {tuple(backbone.input_shape)} but scenario "
-            f"{scenario.name!r} gives {tuple(scenario.input_shape)}; pick a matching backbone"
+            f"backbone {backbone.name!r} takes inputs {describe_input_shapes(backbone)} but "
+            f"scenario {scenario.name!r} gives {tuple(scenario.input_shape)}; pick a matching "
+            "backbone"
         )
     strategy_cls = STRATEGIES.get(cfg.strategy.name)
     if scenario.kind not in strategy_cls.protocols:
@@ -75,7 +111,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
     seed_everything(int(cfg.seed))  # building the scenario/backbone must not shift the seed
     backbone.meta["params"] = sum(p.numel() for p in backbone.module.parameters())
-    model = ClassifierModel(backbone.module, backbone.feature_dim)
+    model = build_model(backbone, scenario)
     strategy = strategy_cls(
         model=model,
         cfg=typed["strategy"],

@@ -8,7 +8,7 @@ from typing import Any
 
 from clbench.strategies.base import CLStrategy, StrategyConfig
 
-from clbench.models import ClassifierModel, empty_linear
+from clbench.models import ClassifierModel
 from clbench.registry import STRATEGIES
 
 
@@ -19,10 +19,23 @@ class Finetune(CLStrategy):
 
 @STRATEGIES.register("linear_probe")
 class LinearProbe(CLStrategy):
-    """Frozen pretrained backbone; only the growing linear head trains."""
+    """Frozen pretrained backbone; only the growing linear head trains.
+
+    On a CLIP backbone the head is the text embedding of the class names, which has no
+    parameter of its own: nothing trains and the run measures the frozen (zero-shot
+    style) CLIP classifier over the classes seen so far.
+    """
 
     def prepare_model(self, model: ClassifierModel) -> None:
         model.backbone.requires_grad_(False)
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        if self.trainable_parameters():  # else keep the placeholder: nothing to train
+            super().make_optimizer(**kwargs)
+
+    def training_epoch(self, **kwargs: Any) -> None:
+        if self.trainable_parameters():
+            super().training_epoch(**kwargs)
 
 
 @dataclass
@@ -56,7 +69,7 @@ class Joint(CLStrategy):
         self.current_classes = list(self.seen_classes)  # the "current" data is all seen data
         if self.cfg.reset_each_step:
             head_size = self.model.head.num_classes
-            self.model.head.fc = empty_linear(self.model.head.in_features)
+            self.model.head.reset()
             self.model.load_state_dict(self._initial_state)
             self.model.head.grow(head_size)
             self.model.to(self.device)

@@ -5,6 +5,10 @@ projection A_t is *designed*, not learnt: the covariance of the layer's input on
 task's data, projected away from (or into) the DualGPM subspace of earlier tasks, gives
 A_t = (top-r left singular vectors)^T / sqrt(3), frozen. Only B_t (init 0) and the head
 train. After the task the DualGPM basis grows with the trained model's input subspace.
+
+On a CLIP backbone InfLoRA goes into the image tower only (``tower=image``): A_t is
+designed from the task's images, and the text tower never sees them (it encodes the
+class-name prompts), so ``tower=text`` / ``both`` are refused.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from clbench.strategies.lora import LoRAConfig, LoRAStrategy
 
 from clbench.adapters.lora import LoRALinear
 from clbench.checks import check_range
-from clbench.errors import ClbenchError
+from clbench.errors import ClbenchError, ConfigError
+from clbench.models import ClipClassifier
 from clbench.registry import STRATEGIES
 
 
@@ -114,6 +119,12 @@ class InfLoRA(LoRAStrategy):
     cfg: InfLoRAConfig
 
     def prepare_model(self, model: Any) -> None:
+        self.check_tower(model)
+        if isinstance(model, ClipClassifier) and self.cfg.tower != "image":
+            raise ConfigError(
+                f"inflora supports strategy.tower=image only on CLIP, not {self.cfg.tower!r}: "
+                "its A_t comes from the task's images, which the text tower never sees"
+            )
         model.backbone.requires_grad_(False)
         self.new_blocks = []
         self.tasks_seen = 0
@@ -151,7 +162,8 @@ class InfLoRA(LoRAStrategy):
         """X^T X / n of every LoRA-wrapped layer's input tokens on the current experience."""
         from clbench.adapters.lora import inject_lora
 
-        layers: dict[str, LoRALinear] = inject_lora(self.model.backbone, self.cfg.targets)
+        root, tower = self.lora_root(self.model)
+        layers: dict[str, LoRALinear] = inject_lora(root, self.cfg.targets, tower)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
 

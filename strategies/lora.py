@@ -7,6 +7,10 @@ All of them are built from the shared blocks in ``clbench.adapters.lora``:
   task, an L1 penalty on ``A_old A_new^T`` pushing the new subspace orthogonal to the old.
 - ``sdlora``: SD-LoRA (ICLR 2025): past directions frozen and normalised, a learnable
   magnitude for every direction.
+
+On a CLIP backbone (:class:`~clbench.models.ClipClassifier`) ``tower`` picks where the
+blocks go: the image tower, the text tower (the class-name classifier) or both. A
+backbone with an image tower only (timm ViT) takes ``tower=image`` and refuses the others.
 """
 
 from __future__ import annotations
@@ -17,10 +21,19 @@ from typing import ClassVar
 
 import torch
 from clbench.strategies.base import CLStrategy, StrategyConfig
+from torch import nn
 
-from clbench.adapters.lora import VALID_TARGETS, LoRABlock, LoRALinear, add_blocks, lora_layers
+from clbench.adapters.lora import (
+    TOWERS,
+    VALID_TARGETS,
+    LoRABlock,
+    LoRALinear,
+    add_blocks,
+    lora_layers,
+)
 from clbench.checks import check_choice, check_positive
-from clbench.models import ClassifierModel
+from clbench.errors import ConfigError
+from clbench.models import ClassifierModel, ClipClassifier
 from clbench.registry import STRATEGIES
 
 
@@ -30,6 +43,8 @@ class LoRAConfig(StrategyConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    # CLIP backbones: LoRA in the image tower, the text tower or both (others: image only)
+    tower: str = "image"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -37,6 +52,7 @@ class LoRAConfig(StrategyConfig):
         check_positive("strategy.alpha", self.alpha)
         for t in self.targets:
             check_choice("strategy.targets", t, VALID_TARGETS)
+        check_choice("strategy.tower", self.tower, TOWERS)
 
 
 class LoRAStrategy(CLStrategy):
@@ -47,17 +63,34 @@ class LoRAStrategy(CLStrategy):
     block_kwargs: ClassVar[dict[str, object]] = {}
 
     def prepare_model(self, model: ClassifierModel) -> None:
+        self.check_tower(model)
         model.backbone.requires_grad_(False)
         self.tasks_seen = 0
         self.new_blocks: list[LoRABlock] = self._add_blocks(model)
 
-    def _add_blocks(self, model: torch.nn.Module) -> list[LoRABlock]:
+    def check_tower(self, model: nn.Module) -> None:
+        """Refuse a text / both tower on a backbone without a text tower."""
+        if self.cfg.tower != "image" and not isinstance(model, ClipClassifier):
+            raise ConfigError(
+                f"strategy.tower={self.cfg.tower!r} needs a CLIP backbone (image and text "
+                "towers); this backbone has an image tower only: use strategy.tower=image"
+            )
+
+    def lora_root(self, model: nn.Module) -> tuple[nn.Module, str | None]:
+        """The module LoRA goes into and the tower argument of ``add_blocks``/``inject_lora``."""
+        if isinstance(model, ClipClassifier):
+            return model.backbone, self.cfg.tower
+        return (model.backbone if isinstance(model, ClassifierModel) else model), None
+
+    def _add_blocks(self, model: nn.Module) -> list[LoRABlock]:
+        root, tower = self.lora_root(model)
         return add_blocks(
-            model.backbone if isinstance(model, ClassifierModel) else model,
+            root,
             self.cfg.targets,
             self.cfg.rank,
             self.cfg.alpha,
             dropout=self.cfg.dropout,
+            tower=tower,
             **self.block_kwargs,
         )
 

@@ -191,12 +191,14 @@ class IncRank(LoRAStrategy):
 
     def _add_blocks(self, model: Any) -> list[Any]:
         rank = self.cfg.rank if self.tasks_seen == 0 else self.cfg.new_rank
+        root, tower = self.lora_root(model)
         return add_blocks(
-            model.backbone,
+            root,
             self.cfg.targets,
             rank,
             float(rank) * self.cfg.alpha / self.cfg.rank,
             dropout=self.cfg.dropout,
+            tower=tower,
             gated=True,
         )
 

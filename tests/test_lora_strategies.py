@@ -223,3 +223,27 @@ def test_inc_rank_task_selectors_and_orthogonal_growth(scenario):
         st._use_selector(1)
         out1 = model(x)
     assert not torch.allclose(out0, out1)
+
+
+def test_dualgpm_switches_to_retain_and_stores_the_complement():
+    from clbench.strategies.inflora import DualGPM
+
+    torch.manual_seed(0)
+    dim = 8
+    gpm = DualGPM()
+    # task 0: 3 strong directions (and a faint 4th, below the energy threshold)
+    x0 = (torch.randn(500, 4) * torch.tensor([1.0, 1.0, 1.0, 0.5])) @ torch.eye(dim)[:4]
+    gpm.update("layer", x0.T @ x0 / 500, threshold=0.99)
+    assert gpm.mode["layer"] == "remove" and gpm.used_dims("layer", dim) == 3
+    basis0 = gpm.basis["layer"].clone()
+    # task 1 fills 2 more: 5 used > dim / 2 -> "retain", the stored basis is the free complement
+    x1 = torch.randn(500, 2) @ torch.eye(dim)[4:6]
+    gpm.update("layer", x1.T @ x1 / 500, threshold=0.99)
+    assert gpm.mode["layer"] == "retain" and gpm.used_dims("layer", dim) == 5
+    free = gpm.basis["layer"]
+    used = torch.cat([basis0.T, torch.eye(dim)[4:6]])
+    assert free.shape == (dim, 3)
+    assert torch.allclose(used @ free, torch.zeros(5, 3), atol=1e-4)
+    # projecting a covariance keeps only the free directions
+    projected = gpm.project("layer", torch.eye(dim))
+    assert torch.allclose(used @ projected, torch.zeros(5, dim), atol=1e-4)
