@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from clbench.strategies.lora import LoRAConfig, LoRAStrategy
 
-from clbench.adapters.lora import LoRALinear
+from clbench.adapters.lora import LoRALinear, inject_lora
 from clbench.checks import check_range
 from clbench.errors import ClbenchError, ConfigError
 from clbench.models import ClipClassifier
@@ -160,8 +160,6 @@ class InfLoRA(LoRAStrategy):
     @torch.no_grad()
     def input_covariances(self) -> dict[str, torch.Tensor]:
         """X^T X / n of every LoRA-wrapped layer's input tokens on the current experience."""
-        from clbench.adapters.lora import inject_lora
-
         root, tower = self.lora_root(self.model)
         layers: dict[str, LoRALinear] = inject_lora(root, self.cfg.targets, tower)
         sums: dict[str, torch.Tensor] = {}
