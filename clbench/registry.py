@@ -97,10 +97,6 @@ class Registry(Generic[T]):
             raise unknown_choice(self.kind, name, self._entries)
         return self._entries[name].obj
 
-    def entry(self, name: str) -> Entry[T]:
-        self.get(name)
-        return self._entries[name]
-
     def names(self) -> list[str]:
         self.load()
         return sorted(self._entries)

@@ -15,7 +15,6 @@ backbone with an image tower only (timm ViT) takes ``tower=image`` and refuses t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -96,13 +95,6 @@ class LoRAStrategy(CLStrategy):
 
     def lora_layers(self) -> dict[str, LoRALinear]:
         return lora_layers(self.model)
-
-    def old_blocks(self) -> Iterator[LoRABlock]:
-        new = {id(b) for b in self.new_blocks}
-        for layer in self.lora_layers().values():
-            for b in layer.blocks:
-                if id(b) not in new:
-                    yield b
 
     def adapt_to_experience(self) -> None:
         if self.tasks_seen > 0:
