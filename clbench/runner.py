@@ -201,6 +201,8 @@ def build_record(
             "backbone_params": backbone.meta["params"],
             "train_steps": steps_total,
             "seconds_per_step": train_total / max(steps_total, 1),
+            "passes_per_train_sample": result.passes_per_train_sample,
+            "passes_per_prediction": result.passes_per_prediction,
             "train_seconds": train_total,
             "eval_seconds": sum(result.eval_seconds),
             "wall_seconds": time.perf_counter() - wall0,

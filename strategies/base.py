@@ -9,6 +9,7 @@ with it; an Avalanche user can use it without clbench's CLI.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from clbench.seeding import derived_generator
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSS_MASKS = ("seen", "current")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -45,6 +47,9 @@ class StrategyConfig:
     # far (plain fine-tuning), "current" = only the current experience's classes
     # (InfLoRA / SD-LoRA / L2P's class mask).
     loss_mask: str = "seen"
+    # "cosine": within each experience, epoch e of E trains at lr * (1 + cos(pi e / E)) / 2
+    # (restarting at every experience, as CODA-Prompt's per-task schedule)
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         check_positive("strategy.epochs", self.epochs)
@@ -54,6 +59,7 @@ class StrategyConfig:
         check_positive("strategy.weight_decay", self.weight_decay, allow_zero=True)
         check_choice("strategy.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("strategy.loss_mask", self.loss_mask, LOSS_MASKS)
+        check_choice("strategy.lr_schedule", self.lr_schedule, LR_SCHEDULES)
 
 
 class CLStrategy(SupervisedTemplate):
@@ -131,6 +137,13 @@ class CLStrategy(SupervisedTemplate):
             self.optimizer = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         else:
             self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _before_training_epoch(self, **kwargs: Any) -> None:
+        if self.cfg.lr_schedule == "cosine":
+            e, n = self.clock.train_exp_epochs, max(self.train_epochs, 1)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg.lr * (1.0 + math.cos(math.pi * e / n)) / 2.0
+        super()._before_training_epoch(**kwargs)
 
     def make_train_dataloader(self, shuffle: bool = True, **kwargs: Any) -> None:
         if not self.in_memory:

@@ -74,6 +74,10 @@ class ClassIncrementalResult:
     eval_seconds: list[float] = field(default_factory=list)
     train_steps: list[int] = field(default_factory=list)
     trainable_params: list[int] = field(default_factory=list)
+    #: image-tower passes (samples through the patch embedding) per training sample seen
+    #: and per prediction made; NaN when the backbone has no recognised stem
+    passes_per_train_sample: float = NAN
+    passes_per_prediction: float = NAN
 
     def metrics(self) -> dict[str, float]:
         out = metrics.class_incremental_summary(
@@ -104,9 +108,16 @@ def run_class_incremental(
         classes_per_experience=scenario.classes_per_experience,
     )
 
+    passes = BackbonePasses(strategy.model)
+    train_samples = eval_samples = train_passes = eval_passes = 0
+
     def evaluate() -> tuple[list[float], list[float]]:
+        nonlocal eval_samples, eval_passes
         recorder.reset()
+        before = passes.count
         strategy.eval(test_stream)
+        eval_passes += passes.count - before
+        eval_samples += sum(res.test_sizes)
         return recorder.accuracies(n)
 
     try:
@@ -118,8 +129,11 @@ def run_class_incremental(
             steps = StepCounter()
             strategy.plugins.append(steps)
             t0 = time.perf_counter()
+            before = passes.count
             strategy.train(experience, eval_streams=[])
             res.train_seconds.append(time.perf_counter() - t0)
+            train_passes += passes.count - before
+            train_samples += steps.samples
             strategy.plugins.remove(steps)
             res.train_steps.append(steps.count)
             res.trainable_params.append(steps.trainable)
@@ -132,7 +146,33 @@ def run_class_incremental(
                 on_step(t, agnostic, aware)
     finally:
         strategy.plugins.remove(recorder)
+        passes.close()
+    if passes.found:
+        res.passes_per_train_sample = train_passes / max(train_samples, 1)
+        res.passes_per_prediction = eval_passes / max(eval_samples, 1)
     return res
+
+
+class BackbonePasses:
+    """Counts the samples that go through the image tower's stem: every timm
+    ``patch_embed`` and open_clip ``visual.conv1`` of ``model`` (one pass of a ViT image
+    tower = one sample through its stem, so a prompt learner's query pass counts too)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.count = 0
+        self.handles = [
+            m.register_forward_hook(self._hook)
+            for name, m in model.named_modules()
+            if name.endswith("patch_embed") or name.endswith("visual.conv1")
+        ]
+        self.found = bool(self.handles)
+
+    def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.count += int(args[0].shape[0])
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 class StepCounter(SupervisedPlugin):
@@ -141,6 +181,7 @@ class StepCounter(SupervisedPlugin):
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.samples = 0
         self.trainable = 0
 
     def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
@@ -148,6 +189,7 @@ class StepCounter(SupervisedPlugin):
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         self.count += 1
+        self.samples += int(strategy.mb_y.shape[0])
         loss = float(strategy.loss.detach())
         if not math.isfinite(loss):
             raise ClbenchError(
