@@ -29,13 +29,22 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
+def _passes(eff: list[dict], key: str) -> str:
+    values = [e.get(key) for e in eff]
+    if any(v is None for v in values):  # a run from before the counter, or no ViT stem
+        return "n/a"
+    return f"{statistics.mean(values):.2f}"
+
+
 def main(roots: list[str]) -> None:
     runs: dict[str, dict[int, dict]] = defaultdict(dict)
     for root in roots:
         for path in sorted(Path(root).rglob("results.json")):
             r = json.loads(path.read_text())
             runs[r["strategy"]][r["seed"]] = r
-    head = [c[0] for c in COLUMNS] + ["trainable", "inference params", "s/step", "peak RSS MB", "n"]
+    head = [c[0] for c in COLUMNS]
+    head += ["trainable", "inference params", "s/step", "passes/pred", "passes/train sample"]
+    head += ["peak RSS MB", "n"]
     print("| strategy | " + " | ".join(head) + " |")
     print("|---" * (len(head) + 1) + "|")
     for name, by_seed in sorted(runs.items()):
@@ -46,6 +55,8 @@ def main(roots: list[str]) -> None:
             f"{max(e['trainable_params'] for e in eff):,}",
             f"{max(e['inference_params'] for e in eff):,}",
             f"{statistics.mean(e['seconds_per_step'] for e in eff) * 1000:.1f} ms",
+            _passes(eff, "passes_per_prediction"),
+            _passes(eff, "passes_per_train_sample"),
             f"{max(e['peak_rss_mb'] for e in eff):.0f}",
             str(len(rs)),
         ]

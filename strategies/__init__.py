@@ -1,3 +1,3 @@
 """Built-in strategies (importable as ``clbench.strategies``); importing registers them."""
 
-from clbench.strategies import baselines, inflora, lora, prompts, rank  # noqa: F401
+from clbench.strategies import baselines, experts, inflora, lora, prompts, rank  # noqa: F401

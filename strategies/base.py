@@ -21,7 +21,7 @@ from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from clbench.checks import check_choice, check_positive
+from clbench.checks import check_choice, check_positive, check_range
 from clbench.data import TensorBatches, materialise
 from clbench.models import ClassifierModel
 from clbench.seeding import derived_generator
@@ -50,6 +50,8 @@ class StrategyConfig:
     # "cosine": within each experience, epoch e of E trains at lr * (1 + cos(pi e / E)) / 2
     # (restarting at every experience, as CODA-Prompt's per-task schedule)
     lr_schedule: str = "constant"
+    # label smoothing of the training cross-entropy, over the classes the loss mask keeps
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive("strategy.epochs", self.epochs)
@@ -60,6 +62,7 @@ class StrategyConfig:
         check_choice("strategy.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("strategy.loss_mask", self.loss_mask, LOSS_MASKS)
         check_choice("strategy.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_range("strategy.label_smoothing", self.label_smoothing, 0.0, 1.0)
 
 
 class CLStrategy(SupervisedTemplate):
@@ -171,9 +174,15 @@ class CLStrategy(SupervisedTemplate):
             if logits.shape[1] == 0 or int(y.max()) >= logits.shape[1]:
                 return torch.tensor(float("nan"))
             return F.cross_entropy(logits, y)
+        smoothing = self.cfg.label_smoothing
         if self.cfg.loss_mask == "current":
+            if smoothing > 0:  # smoothing must not spread mass to masked (-inf) classes
+                keep = torch.tensor(self.current_classes, device=logits.device)
+                position = torch.full((logits.shape[1],), -1, device=logits.device)
+                position[keep] = torch.arange(len(keep), device=logits.device)
+                return F.cross_entropy(logits[:, keep], position[y], label_smoothing=smoothing)
             logits = mask_logits(logits, self.current_classes)
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
     # --------------------------------------------------------------- inspect
     def num_trainable_parameters(self) -> int:

@@ -104,6 +104,13 @@ class LoRAStrategy(CLStrategy):
     def start_new_task(self) -> None:
         """Called before every experience but the first. Default: keep training."""
 
+    def freeze_and_add_blocks(self) -> None:
+        """Freeze every block so far and add a fresh trainable one per target
+        (== concatenating A_old/A_new as rows and B_old/B_new as columns)."""
+        for layer in self.lora_layers().values():
+            layer.freeze_blocks()
+        self.new_blocks = self._add_blocks(self.model)
+
     def num_inference_parameters(self) -> int:
         """Backbone + head parameters once every LoRA is merged into its base weight."""
         lora = sum(
@@ -153,9 +160,7 @@ class OLoRA(LoRAStrategy):
     cfg: OLoRAConfig
 
     def start_new_task(self) -> None:
-        for layer in self.lora_layers().values():
-            layer.freeze_blocks()  # == concatenating A_old/A_new (rows), B_old/B_new (cols)
-        self.new_blocks = self._add_blocks(self.model)
+        self.freeze_and_add_blocks()
 
     def orthogonality(self) -> torch.Tensor:
         """sum over layers and targets of the element-wise L1 norm of A_old A_new^T."""

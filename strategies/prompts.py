@@ -227,6 +227,7 @@ class DualPrompt(PromptStrategy):
 # --------------------------------------------------------------------- CODA-Prompt
 @dataclass
 class CodaPromptConfig(PromptConfig):
+    epochs: int = 20
     lr: float = 1e-3
     lr_schedule: str = "cosine"
     # components in all; each task adds pool_size // n_experiences of them

@@ -175,9 +175,8 @@ class IncRank(LoRAStrategy):
         self._use_selector(t)
 
     def start_new_task(self) -> None:
-        for layer in self.lora_layers().values():
-            layer.freeze_blocks()
-        blocks = self._add_blocks(self.model)
+        self.freeze_and_add_blocks()
+        blocks = self.new_blocks
         layers = list(self.lora_layers().values())
         with torch.no_grad():
             for layer in layers:
@@ -187,7 +186,6 @@ class IncRank(LoRAStrategy):
                     old_b = torch.cat([o.B.T for o in old]) if old else None
                     b.A.copy_(_orthogonal_rows(b.rank, b.A.shape[1], old_a))
                     b.B.copy_(_orthogonal_rows(b.rank, b.B.shape[0], old_b).T * self.cfg.init_scale)
-        self.new_blocks = blocks
 
     def _add_blocks(self, model: Any) -> list[Any]:
         rank = self.cfg.rank if self.tasks_seen == 0 else self.cfg.new_rank

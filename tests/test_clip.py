@@ -148,6 +148,8 @@ def test_lora_in_a_tower_trains_only_lora_and_merges_exactly(scenario, tower):
         ("dyrank", {"tower": "both", "kappa": 0.05, "ramp_steps": 2}),
         ("inc_rank", {"tower": "text"}),
         ("inflora", {"tower": "image"}),
+        ("mora", {"tower": "image"}),
+        ("moe_adapters", {"experts": 4, "bottleneck": 8, "ae_steps": 20}),
         ("finetune", {}),
         ("linear_probe", {}),
         ("joint", {}),

@@ -128,6 +128,10 @@ class LoRABlock(nn.Module):
         h = F.linear(self.dropout(x), self.A)
         if self.gate is not None:
             h = h * self.gate
+        return self.project(h)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Rank activations (..., rank) -> the scaled full-width output ``coef * B h``."""
         d = F.linear(h, self.B) * self._coef()
         if self.out_slice is None:
             return d
@@ -396,7 +400,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def inject_lora(
-    model: nn.Module, targets: Sequence[str], tower: str | None = None
+    model: nn.Module,
+    targets: Sequence[str],
+    tower: str | None = None,
+    layer_cls: type[LoRALinear] = LoRALinear,
 ) -> dict[str, LoRALinear]:
     """Wrap every linear named by ``targets`` in ``model`` with LoRALinear.
 
@@ -406,8 +413,9 @@ def inject_lora(
     Attention targets first swap each open_clip ``*.attn`` ``nn.MultiheadAttention`` for a
     :class:`LoRAMultiheadAttention` (a non-fused one, e.g. a cross-attention pooler with
     another key width, is left alone). Returns ``{module name: LoRALinear}`` for the wrapped
-    modules (idempotent: layers already wrapped are reused). Blocks are added separately
-    with :func:`add_blocks`.
+    modules (idempotent: layers already wrapped are reused). ``layer_cls`` is the wrapper
+    (a LoRALinear subclass that combines its blocks differently, e.g. MoRA). Blocks are
+    added separately with :func:`add_blocks`.
     """
     bad = [t for t in targets if t not in VALID_TARGETS]
     if bad:
@@ -432,7 +440,7 @@ def inject_lora(
         if isinstance(module, LoRALinear):
             wrapped[name] = module
         elif isinstance(module, nn.Linear):
-            wrapped[name] = LoRALinear(module)
+            wrapped[name] = layer_cls(module)
             _set_submodule(model, name, wrapped[name])
     if not wrapped:
         raise ValueError(f"no layer of the model matches LoRA targets {list(targets)}")
@@ -446,13 +454,15 @@ def add_blocks(
     alpha: float,
     *,
     tower: str | None = None,
+    layer_cls: type[LoRALinear] = LoRALinear,
     **kwargs: object,
 ) -> list[LoRABlock]:
     """Inject (if needed) and add one new block per target; q/k/v get output slices.
 
-    ``tower`` is :func:`inject_lora`'s; ``kwargs`` go to :meth:`LoRALinear.add_block`.
+    ``tower`` and ``layer_cls`` are :func:`inject_lora`'s; ``kwargs`` go to
+    :meth:`LoRALinear.add_block`.
     """
-    layers = inject_lora(model, targets, tower)
+    layers = inject_lora(model, targets, tower, layer_cls)
     blocks: list[LoRABlock] = []
     for target in targets:
         for suffix, part in _specs(target):
