@@ -3,7 +3,8 @@
     python benchmarks/bench_query_pass.py
 
 On the embedded default (pretrained micro ViT, split_digits experience 0) for l2p,
-dualprompt and coda_prompt, interleaving repeats:
+dualprompt and coda_prompt with their conf/strategy defaults but 5 epochs each,
+interleaving repeats:
 - training: seconds per optimiser step over 5 epochs with ``query_cache`` on and off
   (same init, same batch order); with the cache the frozen query pass runs in the first
   epoch only;
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 import clbench.backbones.embedded  # noqa: F401  (registers micro_vit)
 from clbench.adapters.prompts import query_features
+from clbench.config import compose, validate
 from clbench.models import ClassifierModel
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
 
@@ -32,7 +35,7 @@ def build(name: str, cache: bool):
     backbone = BACKBONES.get("micro_vit")(BACKBONES.get("micro_vit").Config())
     vit = backbone.module
     cls = STRATEGIES.get(name)
-    cfg = cls.Config(name=name, epochs=5, query_cache=cache)
+    cfg = replace(validate(compose([f"strategy={name}"]))["strategy"], epochs=5, query_cache=cache)
     return cls(model=ClassifierModel(vit, vit.num_features), cfg=cfg, n_experiences=5)
 
 
