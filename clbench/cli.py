@@ -22,6 +22,10 @@ commands:
   list                       registered strategies, scenarios and backbones
   pretrain [--seed N] [--steps N] [--force]
                              make the embedded micro ViT's offline source checkpoint
+  sync RUN_DIR... [--tracking-uri URI] [--experiment NAME] [--force]
+                             upload run directories whose tracking failed (or was off)
+  leaderboard publish [--tracking-uri URI] [--experiment NAME] [--out DIR]
+                             leaderboards/<scenario>.md/.json + index.html from tracked runs
 
 options for run: -m/--multirun (sweep), --verbose (tracebacks), --cfg job (print config)
 examples:
@@ -41,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     cmd, rest = args[0], args[1:]
-    commands = {"run": cmd_run, "list": cmd_list, "pretrain": cmd_pretrain}
+    commands = {
+        "run": cmd_run,
+        "list": cmd_list,
+        "pretrain": cmd_pretrain,
+        "sync": cmd_sync,
+        "leaderboard": cmd_leaderboard,
+    }
     if cmd not in commands:
         print(
             f"error: unknown command {cmd!r}; valid commands: {', '.join(commands)}",
@@ -132,6 +142,50 @@ def cmd_pretrain(args: list[str]) -> int:
     if ns.force and path.exists():
         path.unlink()
     print(ensure_pretrained(ns.seed, ns.steps, progress=True))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ClbenchError line (exit 2) like every other command."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ClbenchError(f"{self.prog}: {message}")
+
+
+def cmd_sync(args: list[str]) -> int:
+    from clbench.runner import sync_run_dir
+
+    p = _Parser(prog="clbench sync", description="upload run directories to MLflow")
+    p.add_argument("run_dirs", nargs="+", type=Path)
+    p.add_argument("--tracking-uri", default=None, help="default: the run's tracking.uri")
+    p.add_argument("--experiment", default=None, help="default: the run's tracking.experiment")
+    p.add_argument("--force", action="store_true", help="upload again even if already tracked")
+    ns = p.parse_args(args)
+    failed = 0
+    for run_dir in ns.run_dirs:
+        try:
+            status = sync_run_dir(run_dir, ns.tracking_uri, ns.experiment, ns.force)
+        except ClbenchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        word = "already tracked" if status.get("skipped") else "synced"
+        print(f"{word}: {run_dir} (MLflow run {status.get('run_id')})")
+    return 1 if failed else 0
+
+
+def cmd_leaderboard(args: list[str]) -> int:
+    from clbench.leaderboard import publish, read_runs
+
+    p = _Parser(prog="clbench leaderboard", description="publish leaderboards from tracked runs")
+    p.add_argument("action", choices=["publish"])
+    p.add_argument("--tracking-uri", default=None, help="default: MLflow's (MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", default="clbench")
+    p.add_argument("--out", type=Path, default=Path("leaderboards"))
+    ns = p.parse_args(args)
+    runs = read_runs(ns.tracking_uri, ns.experiment)
+    for path in publish(runs, ns.out):
+        print(path)
     return 0
 
 

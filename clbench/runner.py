@@ -253,6 +253,40 @@ def track(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, A
     return {"status": "ok", "uri": uri, "run_id": run_id}
 
 
+def sync_run_dir(
+    run_dir: Path, uri: str | None = None, experiment: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Upload a finished run directory to MLflow (a run whose tracking failed or was off).
+
+    ``uri`` / ``experiment`` default to the run's own tracking config. A run already
+    tracked is left alone unless ``force``. On failure the directory is unchanged and a
+    ClbenchError says why; on success results.json records the new MLflow run id.
+    """
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise ClbenchError(f"not a finished run directory (no results.json): {run_dir}")
+    original = path.read_text()
+    record = json.loads(original)
+    status = record.get("tracking") or {}
+    if status.get("status") == "ok" and not force:
+        return {**status, "skipped": True}
+    conf = (record.get("config") or {}).get("tracking") or {}
+    uri = uri or conf.get("uri") or None
+    experiment = experiment or conf.get("experiment") or "clbench"
+    clean = {k: v for k, v in record.items() if k != "tracking"}
+    path.write_text(_dumps(clean))  # the artifact is the record as an untroubled run logs it
+    try:
+        run_id = tracking.log_run(clean, run_dir, uri, experiment)
+    except Exception as e:
+        path.write_text(original)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = uri or "the default store"
+        raise ClbenchError(f"sync of {run_dir} to {where} failed: {first}") from None
+    record["tracking"] = {"status": "ok", "uri": uri, "run_id": run_id, "synced": True}
+    path.write_text(_dumps(record))
+    return record["tracking"]
+
+
 def format_summary(record: dict[str, Any]) -> str:
     """The accuracy matrix and the headline metrics as text."""
     a = record["accuracy_matrix"]

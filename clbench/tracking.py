@@ -32,7 +32,7 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence MLflow's and alembic's chatter (migrations, 'View run at ...')."""
     loggers = [logging.getLogger(n) for n in ("mlflow", "alembic")]
     levels = [lg.level for lg in loggers]
@@ -51,7 +51,7 @@ def log_run(record: Mapping[str, Any], run_dir: Path, uri: str | None, experimen
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with _quiet():
+    with quiet():
         if uri:
             mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)

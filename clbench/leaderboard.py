@@ -1,0 +1,469 @@
+"""Leaderboards from tracked runs: ``clbench leaderboard publish``.
+
+Reads every finished run of an MLflow experiment (its ``results.json`` artifact, the same
+record as the run directory's), groups the runs by (scenario, strategy, backbone), keeps
+one run per seed (the latest), aggregates over seeds (mean, sample std, n), ranks each
+scenario's groups by the scenario kind's primary metric, and writes
+
+- ``<out>/<scenario>.json``: the board as data, with provenance (run ids and names, git
+  commits, clbench versions, hardware);
+- ``<out>/<scenario>.md``: the same as a Markdown table and a provenance list;
+- ``<out>/index.html``: every board with two inline SVG plots (accuracy on the seen
+  experiences after each experience, per strategy; the primary metric with error bars).
+
+The output is a pure function of the runs (sorted keys, fixed float formatting, no
+timestamps), so publishing the same runs twice gives byte-identical files. Every string
+that comes from a run is escaped for HTML and for Markdown.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clbench.errors import ClbenchError
+
+#: scenario kind -> (primary metric, higher is better, label)
+PRIMARY: dict[str, tuple[str, bool, str]] = {
+    "class_incremental": ("final_accuracy", True, "final accuracy"),
+    "test_time_adaptation": ("mean_online_error", False, "mean online error"),
+    "continual_forgetting": ("H", True, "H"),
+}
+#: metrics shown beside the primary one, per kind: (key in record["metrics"], label)
+SECONDARY: dict[str, list[tuple[str, str]]] = {
+    "class_incremental": [
+        ("average_incremental_accuracy", "avg incr acc"),
+        ("forgetting", "forgetting"),
+        ("task_aware/final_accuracy", "TA final acc"),
+    ],
+}
+#: cost columns: (key in record["efficiency"], label, how to aggregate)
+COST = [
+    ("trainable_params", "trainable params", "max"),
+    ("seconds_per_step", "s/step", "mean"),
+    ("passes_per_prediction", "passes/pred", "mean"),
+]
+
+
+# ------------------------------------------------------------------------ reading
+@dataclass(frozen=True)
+class TrackedRun:
+    """One finished tracked run: its MLflow identity and its run record."""
+
+    run_id: str
+    start_time: int
+    record: dict[str, Any]
+
+
+def read_runs(uri: str | None, experiment: str) -> list[TrackedRun]:
+    """Every finished run of ``experiment`` in the MLflow store at ``uri``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from clbench.tracking import quiet
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with quiet():
+        client = MlflowClient(tracking_uri=uri or mlflow.get_tracking_uri())
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ClbenchError(
+                f"no MLflow experiment {experiment!r} at {client.tracking_uri}; "
+                "run something with tracking on first, or pass --experiment"
+            )
+        runs, token = [], None
+        while True:
+            page = client.search_runs(
+                [exp.experiment_id],
+                filter_string="attributes.status = 'FINISHED'",
+                max_results=1000,
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+        out = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for run in runs:
+                rid = run.info.run_id
+                try:
+                    path = client.download_artifacts(rid, "results.json", f"{tmp}/{rid}")
+                except Exception:  # a run not made by clbench (no record): not a board entry
+                    continue
+                record = json.loads(Path(path).read_text())
+                out.append(TrackedRun(rid, int(run.info.start_time or 0), record))
+    return out
+
+
+# -------------------------------------------------------------------- aggregating
+def _mean_std(values: Sequence[float]) -> dict[str, float | int | None]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return {"mean": _r(statistics.mean(vals)), "std": _r(std), "n": len(vals)}
+
+
+def _r(v: float) -> float:
+    return float(f"{v:.6g}")
+
+
+def latest_per_seed(runs: Iterable[TrackedRun]) -> dict[tuple[str, str, str], list[TrackedRun]]:
+    """Runs grouped by (scenario, strategy, backbone); per seed the latest run only."""
+    groups: dict[tuple[str, str, str], dict[int, TrackedRun]] = defaultdict(dict)
+    for run in sorted(runs, key=lambda r: (r.start_time, r.run_id)):
+        rec = run.record
+        groups[(rec["scenario"], rec["strategy"], rec["backbone"])][int(rec["seed"])] = run
+    return {k: [v[s] for s in sorted(v)] for k, v in groups.items()}
+
+
+def _curve(runs: Sequence[TrackedRun]) -> list[float | None]:
+    steps = [[s.get("accuracy_seen") for s in r.record.get("steps", [])] for r in runs]
+    length = min((len(s) for s in steps), default=0)
+    return [_mean_std([s[i] for s in steps])["mean"] for i in range(length)]
+
+
+def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
+    """scenario -> board (kind, primary metric, ranked entries with provenance)."""
+    by_scenario: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    kinds: dict[str, str] = {}
+    for (scenario, strategy, backbone), group in latest_per_seed(runs).items():
+        kind = group[0].record.get("kind", "class_incremental")
+        kinds[scenario] = kind
+        primary = PRIMARY.get(kind, PRIMARY["class_incremental"])[0]
+        keys = [primary] + [k for k, _ in SECONDARY.get(kind, [])]
+        metrics = {k: _mean_std([r.record["metrics"].get(k) for r in group]) for k in keys}
+        cost = {}
+        for key, _, how in COST:
+            values = [r.record.get("efficiency", {}).get(key) for r in group]
+            finite = [v for v in values if v is not None and math.isfinite(v)]
+            if how == "max":
+                cost[key] = _r(max(finite)) if finite else None
+            else:
+                cost[key] = _mean_std(finite)["mean"]
+        tags = [r.record.get("tags", {}) for r in group]
+        by_scenario[scenario].append(
+            {
+                "strategy": strategy,
+                "backbone": backbone,
+                "n": len(group),
+                "seeds": [int(r.record["seed"]) for r in group],
+                "metrics": metrics,
+                "cost": cost,
+                "curve": _curve(group),
+                "provenance": {
+                    "runs": [
+                        {"run_id": r.run_id, "run_name": str(r.record.get("run_name", ""))}
+                        for r in group
+                    ],
+                    "git_commits": sorted({str(t.get("git_commit", "")) for t in tags}),
+                    "clbench_versions": sorted({str(t.get("clbench_version", "")) for t in tags}),
+                    "hardware": sorted({str(t.get("hardware", "")) for t in tags}),
+                },
+            }
+        )
+    boards = {}
+    for scenario, entries in by_scenario.items():
+        kind = kinds[scenario]
+        primary, higher, label = PRIMARY.get(kind, PRIMARY["class_incremental"])
+
+        def order(e: dict[str, Any], primary: str = primary, higher: bool = higher) -> tuple:
+            m = e["metrics"][primary]["mean"]
+            missing = m is None
+            value = 0.0 if missing else (-m if higher else m)
+            return (missing, value, e["strategy"], e["backbone"])
+
+        ranked = sorted(entries, key=order)
+        for i, e in enumerate(ranked, 1):
+            e["rank"] = i
+        boards[scenario] = {
+            "scenario": scenario,
+            "kind": kind,
+            "primary_metric": primary,
+            "primary_label": label,
+            "higher_is_better": higher,
+            "secondary_metrics": [k for k, _ in SECONDARY.get(kind, [])],
+            "entries": ranked,
+        }
+    return boards
+
+
+# ------------------------------------------------------------------------ writing
+def md_escape(text: Any) -> str:
+    """``text`` safe inside a Markdown table cell: no HTML, no emphasis, no cell breaks."""
+    s = html.escape(str(text), quote=False)
+    for ch in "\\`*_{}[]()#+!|~":
+        s = s.replace(ch, "\\" + ch)
+    return s.replace("\n", " ")
+
+
+def _fmt(stat: Mapping[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def _fmt_cost(key: str, v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    if key == "trainable_params":
+        return f"{int(v):,}"
+    if key == "seconds_per_step":
+        return f"{v * 1000:.1f} ms"
+    return f"{v:.2f}"
+
+
+def _labels(board: Mapping[str, Any]) -> list[str]:
+    sec = dict(SECONDARY.get(board["kind"], []))
+    return [board["primary_label"]] + [sec[k] for k in board["secondary_metrics"]]
+
+
+def _cells(board: Mapping[str, Any], e: Mapping[str, Any]) -> list[str]:
+    keys = [board["primary_metric"], *board["secondary_metrics"]]
+    cells = [_fmt(e["metrics"].get(k)) for k in keys]
+    cells += [_fmt_cost(k, e["cost"].get(k)) for k, _, _ in COST]
+    return cells
+
+
+def render_markdown(board: Mapping[str, Any]) -> str:
+    arrow = "higher is better" if board["higher_is_better"] else "lower is better"
+    head = ["rank", "strategy", "backbone", *_labels(board), *(c[1] for c in COST), "n"]
+    lines = [
+        f"# Leaderboard: {md_escape(board['scenario'])}",
+        "",
+        f"Scenario kind: {md_escape(board['kind'])}. Ranked by {md_escape(board['primary_label'])}"
+        f" ({arrow}); mean ± sample std over seeds, one run per seed (the latest).",
+        "Made by `clbench leaderboard publish` from tracked runs.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for e in board["entries"]:
+        row = [
+            str(e["rank"]),
+            md_escape(e["strategy"]),
+            md_escape(e["backbone"]),
+            *_cells(board, e),
+        ]
+        lines.append("| " + " | ".join([*row, str(e["n"])]) + " |")
+    lines += ["", "## Provenance", ""]
+    for e in board["entries"]:
+        p = e["provenance"]
+        runs = ", ".join(
+            f"{md_escape(r['run_name'])} (`{md_escape(r['run_id'])}`)" for r in p["runs"]
+        )
+        lines.append(
+            f"- {md_escape(e['strategy'])} / {md_escape(e['backbone'])}: seeds "
+            f"{', '.join(map(str, e['seeds']))}; runs {runs}; git "
+            f"{', '.join(md_escape(c) for c in p['git_commits'])}; clbench "
+            f"{', '.join(md_escape(v) for v in p['clbench_versions'])}; hardware "
+            f"{', '.join(md_escape(h) for h in p['hardware'])}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+PALETTE += ["#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39"]
+
+
+def _svg_curves(board: Mapping[str, Any]) -> str:
+    """Accuracy on the seen experiences after each experience, one line per entry."""
+    w, h, left, bottom, top, right = 560, 300, 50, 40, 20, 170
+    entries = [e for e in board["entries"] if any(v is not None for v in e["curve"])]
+    steps = max((len(e["curve"]) for e in entries), default=0)
+    if steps == 0:
+        return ""
+    pw, ph = w - left - right, h - top - bottom
+
+    def x(i: int) -> float:
+        return left + (pw * i / (steps - 1) if steps > 1 else pw / 2)
+
+    def y(v: float) -> float:
+        return top + ph * (1 - v)
+
+    parts = [
+        f'<svg class="curves" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+        f'role="img" aria-label="accuracy on seen experiences after each experience">',
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>',
+    ]
+    for v in (0.0, 0.5, 1.0):
+        parts.append(
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" font-size="11" text-anchor="end">'
+            f"{v:.1f}</text>"
+        )
+    for i in range(steps):
+        parts.append(
+            f'<text x="{x(i):.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">'
+            f"{i + 1}</text>"
+        )
+    parts.append(
+        f'<text x="{left + pw / 2:.1f}" y="{h - 6}" font-size="12" text-anchor="middle">'
+        "after experience</text>"
+    )
+    for k, e in enumerate(entries):
+        color = PALETTE[k % len(PALETTE)]
+        pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(e["curve"]) if v is not None)
+        name = html.escape(f"{e['strategy']} ({e['backbone']})")
+        parts.append(
+            f'<polyline class="curve" fill="none" stroke="{color}" stroke-width="2" '
+            f'points="{pts}"><title>{name}</title></polyline>'
+        )
+        ly = top + 14 * k + 8
+        parts.append(
+            f'<line x1="{left + pw + 10}" y1="{ly}" x2="{left + pw + 24}" y2="{ly}" '
+            f'stroke="{color}" stroke-width="2"/>'
+            f'<text x="{left + pw + 28}" y="{ly + 4}" font-size="11">'
+            f"{html.escape(str(e['strategy']))}</text>"
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _svg_bars(board: Mapping[str, Any]) -> str:
+    """The primary metric per entry with ±1 std error bars."""
+    primary = board["primary_metric"]
+    entries = [e for e in board["entries"] if e["metrics"][primary]["mean"] is not None]
+    if not entries:
+        return ""
+    left, right, top, bottom, bar = 150, 30, 20, 30, 18
+    w = 560
+    h = top + bottom + (bar + 8) * len(entries)
+    pw = w - left - right
+    hi = max(
+        1.0, max(e["metrics"][primary]["mean"] + e["metrics"][primary]["std"] for e in entries)
+    )
+
+    def x(v: float) -> float:
+        return left + pw * max(v, 0.0) / hi
+
+    parts = [
+        f'<svg class="bars" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+        f'role="img" aria-label="{html.escape(board["primary_label"])} per strategy">',
+    ]
+    for k, e in enumerate(entries):
+        m = e["metrics"][primary]
+        yy = top + k * (bar + 8)
+        name = html.escape(f"{e['strategy']} ({e['backbone']})")
+        parts.append(
+            f'<text x="{left - 6}" y="{yy + bar - 5}" font-size="11" text-anchor="end">'
+            f"{html.escape(str(e['strategy']))}</text>"
+        )
+        parts.append(
+            f'<rect class="bar" x="{left}" y="{yy}" width="{x(m["mean"]) - left:.1f}" '
+            f'height="{bar}" fill="{PALETTE[k % len(PALETTE)]}"><title>{name}: '
+            f"{m['mean']:.3f} ± {m['std']:.3f} (n={m['n']})</title></rect>"
+        )
+        lo, up, mid = x(m["mean"] - m["std"]), x(m["mean"] + m["std"]), yy + bar / 2
+        parts.append(
+            f'<line class="errorbar" x1="{lo:.1f}" y1="{mid}" x2="{up:.1f}" y2="{mid}" '
+            'stroke="#000" stroke-width="1.5"/>'
+            f'<line x1="{lo:.1f}" y1="{mid - 5}" x2="{lo:.1f}" y2="{mid + 5}" stroke="#000"/>'
+            f'<line x1="{up:.1f}" y1="{mid - 5}" x2="{up:.1f}" y2="{mid + 5}" stroke="#000"/>'
+        )
+    axis = top + len(entries) * (bar + 8)
+    parts.append(f'<line x1="{left}" y1="{axis}" x2="{left + pw}" y2="{axis}" stroke="#333"/>')
+    for v in (0.0, hi / 2, hi):
+        parts.append(
+            f'<text x="{x(v):.1f}" y="{axis + 14}" font-size="11" text-anchor="middle">'
+            f"{v:.2f}</text>"
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
+    esc = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>clbench leaderboards</title>',
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+        "padding:3px 8px;text-align:right;white-space:nowrap}td.s,th.s{text-align:left}"
+        "details{margin:1em 0;font-size:90%}</style></head><body>",
+        "<h1>clbench leaderboards</h1>",
+        "<p>Made by <code>clbench leaderboard publish</code> from tracked runs; mean ± sample "
+        "std over seeds, one run per seed (the latest).</p>",
+    ]
+    for scenario in sorted(boards):
+        b = boards[scenario]
+        arrow = "higher is better" if b["higher_is_better"] else "lower is better"
+        out.append(f'<section class="board" id="{esc(scenario)}">')
+        out.append(f"<h2>{esc(scenario)}</h2>")
+        out.append(f"<p>Kind: {esc(b['kind'])}. Ranked by {esc(b['primary_label'])} ({arrow}).</p>")
+        head = ["rank", "strategy", "backbone", *_labels(b), *(c[1] for c in COST), "n"]
+        out.append("<table><thead><tr>")
+        out.append(
+            "".join(
+                f'<th class="{"s" if i in (1, 2) else ""}">{esc(c)}</th>'
+                for i, c in enumerate(head)
+            )
+        )
+        out.append("</tr></thead><tbody>")
+        for e in b["entries"]:
+            cells = [str(e["rank"]), str(e["strategy"]), str(e["backbone"]), *_cells(b, e)]
+            cells.append(str(e["n"]))
+            out.append(
+                '<tr class="entry">'
+                + "".join(
+                    f'<td class="{"s" if i in (1, 2) else ""}">{esc(c)}</td>'
+                    for i, c in enumerate(cells)
+                )
+                + "</tr>"
+            )
+        out.append("</tbody></table>")
+        out.append("<h3>Accuracy on the seen experiences</h3>")
+        out.append(_svg_curves(b))
+        out.append(f"<h3>{esc(b['primary_label'])} (± 1 std)</h3>")
+        out.append(_svg_bars(b))
+        out.append("<details><summary>Provenance</summary><ul>")
+        for e in b["entries"]:
+            p = e["provenance"]
+            runs = ", ".join(
+                f"{esc(r['run_name'])} (<code>{esc(r['run_id'])}</code>)" for r in p["runs"]
+            )
+            out.append(
+                f"<li>{esc(str(e['strategy']))} / {esc(str(e['backbone']))}: runs {runs}; "
+                f"git {esc(', '.join(p['git_commits']))}; clbench "
+                f"{esc(', '.join(p['clbench_versions']))}; hardware {esc(', '.join(p['hardware']))}"
+                "</li>"
+            )
+        out.append("</ul></details></section>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def safe_filename(scenario: str) -> str:
+    """A scenario name usable as a file name (anything odd becomes '_')."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in scenario).strip(".")
+    return name or "_"
+
+
+def publish(runs: Iterable[TrackedRun], out: Path) -> list[Path]:
+    """Write every scenario's .json and .md and the index.html into ``out``."""
+    boards = build_boards(runs)
+    if not boards:
+        raise ClbenchError("no clbench runs to publish (no finished run has a results.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for scenario, board in sorted(boards.items()):
+        stem = out / safe_filename(scenario)
+        js = stem.with_suffix(".json")
+        js.write_text(json.dumps(board, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        md = stem.with_suffix(".md")
+        md.write_text(render_markdown(board))
+        written += [js, md]
+    index = out / "index.html"
+    index.write_text(render_html(boards))
+    written.append(index)
+    return written
