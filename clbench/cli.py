@@ -87,14 +87,18 @@ def cmd_run(args: list[str]) -> int:
 
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
 
     def task(cfg: DictConfig) -> None:
         from clbench.runner import execute
 
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        # every job of one sweep (any launcher: basic, joblib, Ray, submitit) shares it
+        sweep_id = Path(str(hc.sweep.dir)).name if hc.mode == RunMode.MULTIRUN else None
         try:
-            execute(cfg, run_dir)
+            execute(cfg, run_dir, sweep_id=sweep_id)
         except ClbenchError as e:
             if verbose:
                 traceback.print_exc()

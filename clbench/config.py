@@ -88,6 +88,10 @@ class TrackingConfig:
     enabled: bool = True
     uri: str | None = None
     experiment: str = "clbench"
+    # further attempts after a failed upload (1 s, 2 s, 4 s... apart): parallel jobs racing
+    # to create a fresh SQLite store, a server restarting. A failed attempt's MLflow run
+    # ends as FAILED and is ignored by the leaderboard.
+    retries: int = 2
 
 
 @dataclasses.dataclass

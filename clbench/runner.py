@@ -86,8 +86,11 @@ def build_model(backbone: Any, scenario: Any) -> nn.Module:
     return ClassifierModel(backbone.module, backbone.feature_dim)
 
 
-def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run one configured job into ``run_dir``; returns the run record (results.json)."""
+def execute(cfg: DictConfig, run_dir: Path, sweep_id: str | None = None) -> dict[str, Any]:
+    """Run one configured job into ``run_dir``; returns the run record (results.json).
+
+    ``sweep_id`` (a multirun's sweep directory name) becomes the ``sweep_id`` tag.
+    """
     wall0 = time.perf_counter()
     typed = validate(cfg)
     device = resolve_device(cfg.device)
@@ -133,6 +136,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     result = run_class_incremental(scenario, strategy, on_step=on_step)
     record = build_record(cfg, run_dir, scenario, backbone, strategy, result, wall0)
+    if sweep_id:
+        record["tags"]["sweep_id"] = sweep_id
     write_run_dir(record, run_dir)
     record["tracking"] = track(cfg, record, run_dir)
     (run_dir / "results.json").write_text(_dumps(record))
@@ -242,15 +247,21 @@ def track(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, A
     if not cfg.tracking.enabled:
         return {"status": "disabled"}
     uri = cfg.tracking.uri
-    try:
-        run_id = tracking.log_run(record, run_dir, uri, cfg.tracking.experiment)
-    except Exception as e:  # any tracking failure: keep the run directory, say so
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(
-            f"warning: MLflow tracking failed ({first}); the run directory is kept", file=sys.stderr
-        )
-        return {"status": "failed", "error": first, "uri": uri}
-    return {"status": "ok", "uri": uri, "run_id": run_id}
+    attempts = 1 + max(int(cfg.tracking.get("retries", 0)), 0)
+    for attempt in range(attempts):
+        try:
+            run_id = tracking.log_run(record, run_dir, uri, cfg.tracking.experiment)
+            return {"status": "ok", "uri": uri, "run_id": run_id}
+        except Exception as e:  # any tracking failure: keep the run directory, say so
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if attempt + 1 < attempts:
+                time.sleep(2.0**attempt)
+    print(
+        f"warning: MLflow tracking failed ({first}); the run directory is kept; upload it "
+        f"later with: clbench sync {run_dir}",
+        file=sys.stderr,
+    )
+    return {"status": "failed", "error": first, "uri": uri}
 
 
 def sync_run_dir(

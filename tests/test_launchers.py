@@ -1,0 +1,89 @@
+"""Sweeps on existing engines: Hydra's joblib, submitit (local) and Ray launchers; one
+sweep id tag ties a sweep's tracked runs together; the SLURM config composes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import FAST
+
+SWEEP = [o for o in FAST if not o.startswith("tracking")] + ["strategy=linear_probe", "seed=0,1"]
+
+
+def _sweep(tmp_path: Path, *launcher: str) -> list[dict]:
+    """Run a 2-job sweep through ``launcher``; returns the MLflow tags of its runs."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "-m", "clbench.cli", "run", "-m", *launcher, *SWEEP]
+    cmd += [f"runs_dir={tmp_path / 'runs'}", f"tracking.uri={uri}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("clbench")
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+    return [r.data.tags for r in runs]
+
+
+def _one_sweep(tags: list[dict]) -> None:
+    assert sorted(t["seed"] for t in tags) == ["0", "1"]  # each job its own run
+    ids = {t.get("sweep_id") for t in tags}
+    assert len(ids) == 1 and None not in ids and next(iter(ids))
+
+
+def test_joblib_launcher(tmp_path):
+    _one_sweep(_sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"))
+
+
+def test_submitit_local_launcher(tmp_path):
+    _one_sweep(_sweep(tmp_path, "hydra/launcher=submitit_local"))
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [*ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1"]
+    start += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
+    subprocess.run(start, check=True, capture_output=True, timeout=180, env=env)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([*ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+def test_ray_launcher_against_a_cluster(tmp_path, ray_cluster):
+    launcher = ["hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={ray_cluster}"]
+    _one_sweep(_sweep(tmp_path, *launcher))
+
+
+def test_single_runs_have_no_sweep_id(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    fast = [o for o in FAST if not o.startswith("tracking")]
+    cmd = [sys.executable, "-m", "clbench.cli", "run", *fast, f"runs_dir={tmp_path}"]
+    subprocess.run([*cmd, f"tracking.uri={uri}"], check=True, capture_output=True, timeout=300)
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("clbench").experiment_id])
+    assert "sweep_id" not in run.data.tags
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    cmd = [sys.executable, "-m", "clbench.cli", "run", "hydra/launcher=slurm"]
+    cmd += ["hydra.launcher.partition=gpu", "--cfg", "hydra"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in text
+    assert "partition: gpu" in text and "gpus_per_node: 1" in text
+    assert "timeout_min: 240" in text
