@@ -22,6 +22,7 @@ commands:
   list                       registered strategies, scenarios and backbones
   pretrain [--seed N] [--steps N] [--force]
                              make the embedded micro ViT's offline source checkpoint
+  resume RUN_DIR             continue a killed run from its last finished experience
   sync RUN_DIR... [--tracking-uri URI] [--experiment NAME] [--force]
                              upload run directories whose tracking failed (or was off)
   leaderboard publish [--tracking-uri URI] [--experiment NAME] [--out DIR]
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "list": cmd_list,
         "pretrain": cmd_pretrain,
+        "resume": cmd_resume,
         "sync": cmd_sync,
         "leaderboard": cmd_leaderboard,
     }
@@ -154,6 +156,23 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ClbenchError(f"{self.prog}: {message}")
+
+
+def cmd_resume(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from clbench.config import register_plugin_configs
+    from clbench.runner import execute
+
+    p = _Parser(prog="clbench resume", description="continue a run from its checkpoint")
+    p.add_argument("run_dir", type=Path)
+    ns = p.parse_args(args)
+    config = ns.run_dir / ".hydra" / "config.yaml"
+    if not config.is_file():
+        raise ClbenchError(f"not a clbench run directory (no .hydra/config.yaml): {ns.run_dir}")
+    register_plugin_configs()
+    execute(OmegaConf.load(config), ns.run_dir, resume=True)
+    return 0
 
 
 def cmd_sync(args: list[str]) -> int:

@@ -102,6 +102,7 @@ class RunConfig:
     device: str = "cpu"
     progress: bool = True
     runs_dir: str = "runs"
+    checkpoint: bool = True
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
 

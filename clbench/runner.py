@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from clbench.progress import ProgressPlugin
 from clbench.protocols.class_incremental import ClassIncrementalResult, run_class_incremental
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
 from clbench.resources import peak_rss_mb
-from clbench.seeding import seed_everything
+from clbench.seeding import rng_state, seed_everything, set_rng_state
 
 HEADLINE = (
     "final_accuracy",
@@ -86,10 +87,19 @@ def build_model(backbone: Any, scenario: Any) -> nn.Module:
     return ClassifierModel(backbone.module, backbone.feature_dim)
 
 
-def execute(cfg: DictConfig, run_dir: Path, sweep_id: str | None = None) -> dict[str, Any]:
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_INFO = "checkpoint.json"
+
+
+def execute(
+    cfg: DictConfig, run_dir: Path, sweep_id: str | None = None, resume: bool = False
+) -> dict[str, Any]:
     """Run one configured job into ``run_dir``; returns the run record (results.json).
 
-    ``sweep_id`` (a multirun's sweep directory name) becomes the ``sweep_id`` tag.
+    ``sweep_id`` (a multirun's sweep directory name) becomes the ``sweep_id`` tag. After
+    each experience the whole learner state (the strategy with its model, the results so
+    far and every RNG state) is checkpointed into ``run_dir``; with ``resume`` the run
+    continues from that checkpoint and ends as the uninterrupted run would have.
     """
     wall0 = time.perf_counter()
     typed = validate(cfg)
@@ -114,16 +124,23 @@ def execute(cfg: DictConfig, run_dir: Path, sweep_id: str | None = None) -> dict
         )
     seed_everything(int(cfg.seed))  # building the scenario/backbone must not shift the seed
     backbone.meta["params"] = sum(p.numel() for p in backbone.module.parameters())
-    model = build_model(backbone, scenario)
-    strategy = strategy_cls(
-        model=model,
-        cfg=typed["strategy"],
-        seed=int(cfg.seed),
-        device=device,
-        plugins=[ProgressPlugin(scenario.num_experiences, enabled=progress)],
-        in_memory=scenario.in_memory,
-        n_experiences=scenario.num_experiences,
-    )
+    progress_plugin = ProgressPlugin(scenario.num_experiences, enabled=progress)
+    resumed: ClassIncrementalResult | None = None
+    if resume:
+        strategy, resumed, sweep_id = load_checkpoint(cfg, run_dir, progress_plugin, device)
+    else:
+        strategy = strategy_cls(
+            model=build_model(backbone, scenario),
+            cfg=typed["strategy"],
+            seed=int(cfg.seed),
+            device=device,
+            plugins=[progress_plugin],
+            in_memory=scenario.in_memory,
+            n_experiences=scenario.num_experiences,
+        )
+
+    def on_checkpoint(t: int, result: ClassIncrementalResult) -> None:
+        save_checkpoint(cfg, run_dir, strategy, result, sweep_id)
 
     def on_step(t: int, agnostic: list[float], aware: list[float]) -> None:
         if progress:
@@ -134,17 +151,84 @@ def execute(cfg: DictConfig, run_dir: Path, sweep_id: str | None = None) -> dict
                 file=sys.stderr,
             )
 
-    result = run_class_incremental(scenario, strategy, on_step=on_step)
+    resumed_after = len(resumed.accuracy_matrix) if resumed is not None else None
+    result = run_class_incremental(
+        scenario,
+        strategy,
+        on_step=on_step,
+        resume_from=resumed,
+        on_checkpoint=on_checkpoint if cfg.get("checkpoint", True) else None,
+    )
     record = build_record(cfg, run_dir, scenario, backbone, strategy, result, wall0)
     if sweep_id:
         record["tags"]["sweep_id"] = sweep_id
+    if resumed_after is not None:
+        record["resumed_after_experience"] = resumed_after
     write_run_dir(record, run_dir)
     record["tracking"] = track(cfg, record, run_dir)
     (run_dir / "results.json").write_text(_dumps(record))
+    for name in (CHECKPOINT, CHECKPOINT_INFO):  # finished: the record is the result
+        (run_dir / name).unlink(missing_ok=True)
     if progress:
         print(format_summary(record))
     print(f"run directory: {run_dir}")
     return record
+
+
+def save_checkpoint(
+    cfg: DictConfig,
+    run_dir: Path,
+    strategy: Any,
+    result: ClassIncrementalResult,
+    sweep_id: str | None,
+) -> None:
+    """Atomically write the learner state after an experience (then a small JSON beside it)."""
+    done = len(result.accuracy_matrix)
+    state = {
+        "format": 1,
+        "config": to_container(cfg),
+        "experiences_done": done,
+        "strategy": strategy,  # the model, adapters and method state travel with it
+        "result": result,
+        "rng": rng_state(),
+        "sweep_id": sweep_id,
+    }
+    tmp = run_dir / f".{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+    info = {"experiences_done": done, "of": len(result.test_sizes)}
+    (run_dir / CHECKPOINT_INFO).write_text(json.dumps(info) + "\n")
+
+
+def load_checkpoint(
+    cfg: DictConfig, run_dir: Path, progress_plugin: Any, device: Any
+) -> tuple[Any, ClassIncrementalResult, str | None]:
+    """The strategy, results so far and sweep id of ``run_dir``'s checkpoint; RNGs restored.
+
+    The checkpoint is a pickle: resume only run directories you made yourself.
+    """
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        if (run_dir / "results.json").is_file():
+            raise ClbenchError(f"nothing to resume: {run_dir} has finished (results.json)")
+        raise ClbenchError(
+            f"nothing to resume in {run_dir}: no checkpoint (the run stopped before its "
+            "first experience ended); start it again"
+        )
+    state = torch.load(path, map_location=device, weights_only=False)
+    if state.get("config") != to_container(cfg):
+        raise ClbenchError(
+            f"the checkpoint in {run_dir} was made with another configuration; "
+            "resume with the run's own config (clbench resume RUN_DIR)"
+        )
+    strategy = state["strategy"]
+    keep = [p for p in strategy.plugins if not isinstance(p, ProgressPlugin)]
+    strategy.plugins = [progress_plugin, *keep]
+    strategy.device = device
+    strategy.model.to(device)
+    set_rng_state(state["rng"])
+    print(f"resuming {run_dir} after experience {state['experiences_done']}", file=sys.stderr)
+    return strategy, state["result"], state.get("sweep_id")
 
 
 def build_record(

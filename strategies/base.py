@@ -184,6 +184,28 @@ class CLStrategy(SupervisedTemplate):
             logits = mask_logits(logits, self.current_classes)
         return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
+    # ------------------------------------------------------------ checkpoint
+    #: per-batch / per-experience state Avalanche rebuilds when training starts: not
+    #: part of a checkpoint (it would hold whole datasets)
+    TRANSIENT: ClassVar[tuple[str, ...]] = (
+        "experience",
+        "adapted_dataset",
+        "dataloader",
+        "mbatch",
+        "mb_output",
+        "loss",
+        "optimizer",
+        "current_eval_stream",
+        "_eval_streams",
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in self.TRANSIENT:
+            if key in state:
+                state[key] = None
+        return state
+
     # --------------------------------------------------------------- inspect
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())

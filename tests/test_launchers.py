@@ -66,18 +66,6 @@ def test_ray_launcher_against_a_cluster(tmp_path, ray_cluster):
     _one_sweep(_sweep(tmp_path, *launcher))
 
 
-def test_single_runs_have_no_sweep_id(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    fast = [o for o in FAST if not o.startswith("tracking")]
-    cmd = [sys.executable, "-m", "clbench.cli", "run", *fast, f"runs_dir={tmp_path}"]
-    subprocess.run([*cmd, f"tracking.uri={uri}"], check=True, capture_output=True, timeout=300)
-    client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("clbench").experiment_id])
-    assert "sweep_id" not in run.data.tags
-
-
 def test_slurm_launcher_config_composes(tmp_path):
     cmd = [sys.executable, "-m", "clbench.cli", "run", "hydra/launcher=slurm"]
     cmd += ["hydra.launcher.partition=gpu", "--cfg", "hydra"]

@@ -25,6 +25,7 @@ def test_run_is_logged_to_mlflow(tmp_path):
     for tag in ("scenario", "strategy", "backbone", "seed", "git_commit", "clbench_version"):
         assert tag in run.data.tags
     assert run.data.tags["strategy"] == "lora" and run.data.tags["seed"] == "0"
+    assert "sweep_id" not in run.data.tags  # a single run belongs to no sweep
     assert abs(run.data.metrics["final_accuracy"] - res["metrics"]["final_accuracy"]) < 1e-9
     history = client.get_metric_history(run.info.run_id, "accuracy_seen")
     assert [m.step for m in history] == [0, 1]

@@ -97,16 +97,25 @@ def run_class_incremental(
     scenario: Scenario,
     strategy: CLStrategy,
     on_step: StepCallback | None = None,
+    *,
+    resume_from: ClassIncrementalResult | None = None,
+    on_checkpoint: Callable[[int, ClassIncrementalResult], None] | None = None,
 ) -> ClassIncrementalResult:
-    """Run ``strategy`` over ``scenario`` and return the accuracy matrices."""
+    """Run ``strategy`` over ``scenario`` and return the accuracy matrices.
+
+    ``on_checkpoint(t, result)`` is called after experience ``t`` is trained and evaluated
+    (the strategy's protocol plugins detached); ``resume_from`` is such a result: its
+    finished experiences are skipped.
+    """
     recorder = PredictionRecorder(scenario.classes_per_experience)
-    strategy.plugins.append(recorder)
     test_stream = scenario.test_stream
     n = len(test_stream)
-    res = ClassIncrementalResult(
+    res = resume_from or ClassIncrementalResult(
         test_sizes=[len(e.dataset) for e in test_stream],
         classes_per_experience=scenario.classes_per_experience,
     )
+    start = len(res.accuracy_matrix)
+    strategy.plugins.append(recorder)
 
     passes = BackbonePasses(strategy.model)
     train_samples = eval_samples = train_passes = eval_passes = 0
@@ -121,11 +130,15 @@ def run_class_incremental(
         return recorder.accuracies(n)
 
     try:
-        if strategy.model.head.num_classes > 0:
+        if start > 0:
+            pass  # resumed: the initial evaluation is in ``res`` already
+        elif strategy.model.head.num_classes > 0:
             res.initial_accuracy, res.initial_accuracy_task_aware = evaluate()
         else:  # no output unit yet: nothing can be predicted
             res.initial_accuracy, res.initial_accuracy_task_aware = [0.0] * n, [NAN] * n
         for t, experience in enumerate(scenario.train_stream):
+            if t < start:
+                continue
             steps = StepCounter()
             strategy.plugins.append(steps)
             t0 = time.perf_counter()
@@ -144,6 +157,14 @@ def run_class_incremental(
             res.accuracy_matrix_task_aware.append(aware)
             if on_step is not None:
                 on_step(t, agnostic, aware)
+            if on_checkpoint is not None:
+                strategy.plugins.remove(recorder)
+                passes.close()
+                try:
+                    on_checkpoint(t, res)
+                finally:
+                    strategy.plugins.append(recorder)
+                    passes = BackbonePasses(strategy.model, passes.count)
     finally:
         strategy.plugins.remove(recorder)
         passes.close()
@@ -158,8 +179,8 @@ class BackbonePasses:
     ``patch_embed`` and open_clip ``visual.conv1`` of ``model`` (one pass of a ViT image
     tower = one sample through its stem, so a prompt learner's query pass counts too)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.count = 0
+    def __init__(self, model: torch.nn.Module, count: int = 0) -> None:
+        self.count = count
         self.handles = [
             m.register_forward_hook(self._hook)
             for name, m in model.named_modules()
