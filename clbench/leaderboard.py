@@ -158,6 +158,7 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
                 "backbone": backbone,
                 "n": len(group),
                 "seeds": [int(r.record["seed"]) for r in group],
+                "uses_task_id": any(bool(r.record.get("uses_task_id")) for r in group),
                 "metrics": metrics,
                 "cost": cost,
                 "curve": _curve(group),
@@ -251,11 +252,17 @@ def render_markdown(board: Mapping[str, Any]) -> str:
     for e in board["entries"]:
         row = [
             str(e["rank"]),
-            md_escape(e["strategy"]),
+            md_escape(e["strategy"]) + (" †" if e.get("uses_task_id") else ""),
             md_escape(e["backbone"]),
             *_cells(board, e),
         ]
         lines.append("| " + " | ".join([*row, str(e["n"])]) + " |")
+    if any(e.get("uses_task_id") for e in board["entries"]):
+        lines += [
+            "",
+            "† uses the task id at test time (task-incremental): not comparable with "
+            "the task-agnostic entries.",
+        ]
     lines += ["", "## Provenance", ""]
     for e in board["entries"]:
         p = e["provenance"]
@@ -411,7 +418,8 @@ def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
         )
         out.append("</tr></thead><tbody>")
         for e in b["entries"]:
-            cells = [str(e["rank"]), str(e["strategy"]), str(e["backbone"]), *_cells(b, e)]
+            name = str(e["strategy"]) + (" †" if e.get("uses_task_id") else "")
+            cells = [str(e["rank"]), name, str(e["backbone"]), *_cells(b, e)]
             cells.append(str(e["n"]))
             out.append(
                 '<tr class="entry">'
@@ -422,6 +430,11 @@ def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
                 + "</tr>"
             )
         out.append("</tbody></table>")
+        if any(e.get("uses_task_id") for e in b["entries"]):
+            out.append(
+                "<p>† uses the task id at test time (task-incremental): not comparable with "
+                "the task-agnostic entries.</p>"
+            )
         out.append("<h3>Accuracy on the seen experiences</h3>")
         out.append(_svg_curves(b))
         out.append(f"<h3>{esc(b['primary_label'])} (± 1 std)</h3>")

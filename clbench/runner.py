@@ -274,6 +274,7 @@ def build_record(
         "strategy": cfg.strategy.name,
         "backbone": backbone.name,
         "seed": int(cfg.seed),
+        "uses_task_id": bool(getattr(strategy, "uses_task_id", False)),
         "config": to_container(cfg),
         "class_names": scenario.class_names,
         "classes_per_experience": result.classes_per_experience,

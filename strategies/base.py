@@ -71,6 +71,9 @@ class CLStrategy(SupervisedTemplate):
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     #: scenario kinds (protocols) this strategy can run
     protocols: ClassVar[tuple[str, ...]] = ("class_incremental",)
+    #: True when predictions use the test sample's task id (task-incremental methods):
+    #: their task-agnostic numbers are then not comparable, and boards mark them
+    uses_task_id: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -150,6 +150,8 @@ def _orthogonal_rows(n: int, dim: int, against: torch.Tensor | None) -> torch.Te
 class IncRank(LoRAStrategy):
     """Incremental rank (ITL): frozen U, V grow per task; the task id picks a selector s_t."""
 
+    uses_task_id = True
+
     Config = IncRankConfig
     cfg: IncRankConfig
 

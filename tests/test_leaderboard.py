@@ -181,3 +181,19 @@ def test_leaderboard_cli(store, tmp_path, capsys):
     assert code == 2
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
     assert run_cli(["leaderboard", "unpublish"]) == 2
+
+
+def test_task_incremental_entries_are_marked(store, tmp_path):
+    from clbench.leaderboard import TrackedRun, render_markdown
+
+    _, uri, _ = store
+    runs = [
+        TrackedRun(r.run_id, r.start_time, {**r.record, "uses_task_id": True})
+        if r.record["strategy"] == "linear_probe"
+        else r
+        for r in read_runs(uri, "clbench")
+    ]
+    board = build_boards(runs)["split_digits"]
+    md = render_markdown(board)
+    assert "| linear\\_probe † |" in md and "| finetune |" in md
+    assert "uses the task id at test time" in md
