@@ -84,6 +84,12 @@ def cmd_run(args: list[str]) -> int:
             f"bad argument {bad[0]!r}; overrides look like KEY=VALUE "
             "(e.g. strategy=finetune seed=3)"
         )
+    modes = [a for a in hydra_args if a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i")]
+    if any(a in ("-m", "--multirun") for a in modes) and len(modes) > 1:
+        raise ClbenchError(
+            f"{' and '.join(modes)} cannot be combined: Hydra runs one mode at a time; "
+            "drop -m to print the configuration"
+        )
     register_plugin_configs()
     check_overrides(overrides)
 

@@ -72,8 +72,13 @@ def read_runs(uri: str | None, experiment: str) -> list[TrackedRun]:
     from clbench.tracking import quiet
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = uri or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ClbenchError(  # opening it would create an empty store
+            f"no MLflow store at {uri}; pass the store your runs logged to (--tracking-uri)"
+        )
     with quiet():
-        client = MlflowClient(tracking_uri=uri or mlflow.get_tracking_uri())
+        client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             raise ClbenchError(

@@ -112,3 +112,8 @@ def test_results_json_is_strict_json(tmp_path):
     assert run_cli(["run", *FAST, f"runs_dir={tmp_path}"]) == 0
     text = (only_run_dir(tmp_path) / "results.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_multirun_with_cfg_is_one_line(capsys):
+    assert run_cli(["run", "-m", "strategy=lora", "--cfg", "hydra"]) == 2
+    assert "cannot be combined" in capsys.readouterr().err

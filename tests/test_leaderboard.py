@@ -197,3 +197,10 @@ def test_task_incremental_entries_are_marked(store, tmp_path):
     md = render_markdown(board)
     assert "| linear\\_probe † |" in md and "| finetune |" in md
     assert "uses the task id at test time" in md
+
+
+def test_publish_from_a_missing_store_creates_nothing(tmp_path, capsys):
+    db = tmp_path / "absent.db"
+    code = run_cli(["leaderboard", "publish", "--tracking-uri", f"sqlite:///{db}"])
+    assert code == 2 and not db.exists()
+    assert "no MLflow store at" in capsys.readouterr().err
