@@ -3,8 +3,9 @@
     python benchmarks/summarize_runs.py RUNS_DIR [RUNS_DIR ...]
 
 Reads every results.json below the given folders (one row per strategy; a seed seen
-twice counts once). Until `clbench leaderboard publish` exists this is how the tables in
-benchmarks/RESULTS.md are made.
+twice counts once), so it also covers runs made with tracking=none, and it shows the
+cost columns of benchmarks/RESULTS.md (inference params, passes per training sample,
+peak RSS). For boards from tracked runs use `clbench leaderboard publish`.
 """
 
 from __future__ import annotations

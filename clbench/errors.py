@@ -19,3 +19,8 @@ def unknown_choice(kind: str, value: object, choices: Iterable[str]) -> ConfigEr
     """The standard message for a name that is not one of the valid choices."""
     valid = ", ".join(sorted(choices)) or "(none registered)"
     return ConfigError(f"unknown {kind} {value!r}; valid choices: {valid}")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -25,7 +25,7 @@ import os
 import statistics
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,6 +241,36 @@ def _cells(board: Mapping[str, Any], e: Mapping[str, Any]) -> list[str]:
     return cells
 
 
+TASK_ID_NOTE = (
+    "† uses the task id at test time (task-incremental): not comparable with the "
+    "task-agnostic entries."
+)
+
+
+def _name(e: Mapping[str, Any]) -> str:
+    """The entry's strategy name, marked † when it uses the task id."""
+    return str(e["strategy"]) + (" †" if e.get("uses_task_id") else "")
+
+
+def _has_task_id(board: Mapping[str, Any]) -> bool:
+    return any(e.get("uses_task_id") for e in board["entries"])
+
+
+def _provenance(e: Mapping[str, Any], esc: Callable[[Any], str], code: str) -> str:
+    """One entry's provenance line; ``esc`` escapes for the format, ``code`` wraps ids
+    (a ``{}`` template)."""
+    p = e["provenance"]
+    runs = ", ".join(f"{esc(r['run_name'])} ({code.format(esc(r['run_id']))})" for r in p["runs"])
+    joined = {
+        k: ", ".join(esc(v) for v in p[k]) for k in ("git_commits", "clbench_versions", "hardware")
+    }
+    return (
+        f"{esc(e['strategy'])} / {esc(e['backbone'])}: seeds "
+        f"{', '.join(map(str, e['seeds']))}; runs {runs}; git {joined['git_commits']}; "
+        f"clbench {joined['clbench_versions']}; hardware {joined['hardware']}"
+    )
+
+
 def render_markdown(board: Mapping[str, Any]) -> str:
     arrow = "higher is better" if board["higher_is_better"] else "lower is better"
     head = ["rank", "strategy", "backbone", *_labels(board), *(c[1] for c in COST), "n"]
@@ -255,32 +285,12 @@ def render_markdown(board: Mapping[str, Any]) -> str:
         "|" + "---|" * len(head),
     ]
     for e in board["entries"]:
-        row = [
-            str(e["rank"]),
-            md_escape(e["strategy"]) + (" †" if e.get("uses_task_id") else ""),
-            md_escape(e["backbone"]),
-            *_cells(board, e),
-        ]
+        row = [str(e["rank"]), md_escape(_name(e)), md_escape(e["backbone"]), *_cells(board, e)]
         lines.append("| " + " | ".join([*row, str(e["n"])]) + " |")
-    if any(e.get("uses_task_id") for e in board["entries"]):
-        lines += [
-            "",
-            "† uses the task id at test time (task-incremental): not comparable with "
-            "the task-agnostic entries.",
-        ]
+    if _has_task_id(board):
+        lines += ["", TASK_ID_NOTE]
     lines += ["", "## Provenance", ""]
-    for e in board["entries"]:
-        p = e["provenance"]
-        runs = ", ".join(
-            f"{md_escape(r['run_name'])} (`{md_escape(r['run_id'])}`)" for r in p["runs"]
-        )
-        lines.append(
-            f"- {md_escape(e['strategy'])} / {md_escape(e['backbone'])}: seeds "
-            f"{', '.join(map(str, e['seeds']))}; runs {runs}; git "
-            f"{', '.join(md_escape(c) for c in p['git_commits'])}; clbench "
-            f"{', '.join(md_escape(v) for v in p['clbench_versions'])}; hardware "
-            f"{', '.join(md_escape(h) for h in p['hardware'])}"
-        )
+    lines += [f"- {_provenance(e, md_escape, '`{}`')}" for e in board["entries"]]
     return "\n".join(lines) + "\n"
 
 
@@ -394,6 +404,11 @@ def _svg_bars(board: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def esc_any(value: Any) -> str:
+    """``value`` as HTML-escaped text."""
+    return html.escape(str(value))
+
+
 def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
     esc = html.escape
     out = [
@@ -423,8 +438,7 @@ def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
         )
         out.append("</tr></thead><tbody>")
         for e in b["entries"]:
-            name = str(e["strategy"]) + (" †" if e.get("uses_task_id") else "")
-            cells = [str(e["rank"]), name, str(e["backbone"]), *_cells(b, e)]
+            cells = [str(e["rank"]), _name(e), str(e["backbone"]), *_cells(b, e)]
             cells.append(str(e["n"]))
             out.append(
                 '<tr class="entry">'
@@ -435,27 +449,14 @@ def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
                 + "</tr>"
             )
         out.append("</tbody></table>")
-        if any(e.get("uses_task_id") for e in b["entries"]):
-            out.append(
-                "<p>† uses the task id at test time (task-incremental): not comparable with "
-                "the task-agnostic entries.</p>"
-            )
+        if _has_task_id(b):
+            out.append(f"<p>{esc(TASK_ID_NOTE)}</p>")
         out.append("<h3>Accuracy on the seen experiences</h3>")
         out.append(_svg_curves(b))
         out.append(f"<h3>{esc(b['primary_label'])} (± 1 std)</h3>")
         out.append(_svg_bars(b))
         out.append("<details><summary>Provenance</summary><ul>")
-        for e in b["entries"]:
-            p = e["provenance"]
-            runs = ", ".join(
-                f"{esc(r['run_name'])} (<code>{esc(r['run_id'])}</code>)" for r in p["runs"]
-            )
-            out.append(
-                f"<li>{esc(str(e['strategy']))} / {esc(str(e['backbone']))}: runs {runs}; "
-                f"git {esc(', '.join(p['git_commits']))}; clbench "
-                f"{esc(', '.join(p['clbench_versions']))}; hardware {esc(', '.join(p['hardware']))}"
-                "</li>"
-            )
+        out += [f"<li>{_provenance(e, esc_any, '<code>{}</code>')}</li>" for e in b["entries"]]
         out.append("</ul></details></section>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"

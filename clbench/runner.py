@@ -19,7 +19,7 @@ from torch import nn
 import clbench
 from clbench import plots, tracking
 from clbench.config import resolve_device, to_container, validate
-from clbench.errors import ClbenchError
+from clbench.errors import ClbenchError, first_line
 from clbench.models import ClassifierModel, ClipClassifier
 from clbench.progress import ProgressPlugin
 from clbench.protocols.class_incremental import ClassIncrementalResult, run_class_incremental
@@ -338,7 +338,7 @@ def track(cfg: DictConfig, record: dict[str, Any], run_dir: Path) -> dict[str, A
             run_id = tracking.log_run(record, run_dir, uri, cfg.tracking.experiment)
             return {"status": "ok", "uri": uri, "run_id": run_id}
         except Exception as e:  # any tracking failure: keep the run directory, say so
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             if attempt + 1 < attempts:
                 time.sleep(2.0**attempt)
     print(
@@ -375,7 +375,7 @@ def sync_run_dir(
         run_id = tracking.log_run(clean, run_dir, uri, experiment)
     except Exception as e:
         path.write_text(original)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         where = uri or "the default store"
         raise ClbenchError(f"sync of {run_dir} to {where} failed: {first}") from None
     record["tracking"] = {"status": "ok", "uri": uri, "run_id": run_id, "synced": True}

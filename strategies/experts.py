@@ -192,8 +192,7 @@ class MoEAdapters(CLStrategy):
 
     def forward(self) -> torch.Tensor:
         x = self.mb_x
-        self.last_route = self.route(x)
-        with routed(self.mixtures, self.last_route):
+        with routed(self.mixtures, self.route(x)):
             return self.model(x)
 
     def criterion(self) -> torch.Tensor:

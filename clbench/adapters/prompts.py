@@ -169,9 +169,6 @@ class QueryCache:
                 self.store.update(fresh)
         return torch.stack([fresh[k] if k in fresh else self.store[k] for k in keys])
 
-    def clear(self) -> None:
-        self.store.clear()
-
 
 @dataclass
 class Selection:

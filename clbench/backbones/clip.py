@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.backbones.base import Backbone
-from clbench.errors import ClbenchError, ConfigError
+from clbench.errors import ClbenchError, ConfigError, first_line
 from clbench.registry import BACKBONES
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -187,7 +187,7 @@ class ClipViTB16Config:
 
 
 def _load_error(cfg: ClipViTB16Config, e: Exception) -> ClbenchError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first_line(e)
     return ClbenchError(
         f"cannot load CLIP weights {cfg.pretrained!r} for {cfg.model}: {first}; give "
         "backbone.pretrained=<open_clip tag> on a connected machine or the path of a weights file"

@@ -160,11 +160,11 @@ def run_class_incremental(
             if on_checkpoint is not None:
                 strategy.plugins.remove(recorder)
                 passes.close()
-                try:
+                try:  # the checkpoint holds no protocol hook or plugin
                     on_checkpoint(t, res)
                 finally:
                     strategy.plugins.append(recorder)
-                    passes = BackbonePasses(strategy.model, passes.count)
+                    passes.attach()
     finally:
         strategy.plugins.remove(recorder)
         passes.close()
@@ -179,21 +179,27 @@ class BackbonePasses:
     ``patch_embed`` and open_clip ``visual.conv1`` of ``model`` (one pass of a ViT image
     tower = one sample through its stem, so a prompt learner's query pass counts too)."""
 
-    def __init__(self, model: torch.nn.Module, count: int = 0) -> None:
-        self.count = count
-        self.handles = [
-            m.register_forward_hook(self._hook)
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.count = 0
+        self.stems = [
+            m
             for name, m in model.named_modules()
             if name.endswith("patch_embed") or name.endswith("visual.conv1")
         ]
-        self.found = bool(self.handles)
+        self.found = bool(self.stems)
+        self.handles: list[Any] = []
+        self.attach()
 
     def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self.count += int(args[0].shape[0])
 
+    def attach(self) -> None:
+        self.handles = [m.register_forward_hook(self._hook) for m in self.stems]
+
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+        self.handles = []
 
 
 class StepCounter(SupervisedPlugin):
