@@ -35,8 +35,8 @@ from clbench.errors import ClbenchError
 #: scenario kind -> (primary metric, higher is better, label)
 PRIMARY: dict[str, tuple[str, bool, str]] = {
     "class_incremental": ("final_accuracy", True, "final accuracy"),
-    "test_time_adaptation": ("mean_online_error", False, "mean online error"),
-    "continual_forgetting": ("H", True, "H"),
+    "test_time": ("mean_online_error", False, "mean online error"),
+    "forgetting": ("H", True, "H"),
 }
 #: metrics shown beside the primary one, per kind: (key in record["metrics"], label)
 SECONDARY: dict[str, list[tuple[str, str]]] = {
@@ -45,6 +45,7 @@ SECONDARY: dict[str, list[tuple[str, str]]] = {
         ("forgetting", "forgetting"),
         ("task_aware/final_accuracy", "TA final acc"),
     ],
+    "test_time": [("clean_accuracy_after", "clean acc after")],
 }
 #: cost columns: (key in record["efficiency"], label, how to aggregate)
 COST = [
@@ -52,6 +53,27 @@ COST = [
     ("seconds_per_step", "s/step", "mean"),
     ("passes_per_prediction", "passes/pred", "mean"),
 ]
+#: per kind where it differs from COST
+COSTS: dict[str, list[tuple[str, str, str]]] = {
+    "test_time": [
+        ("trainable_params", "trainable params", "max"),
+        ("images_per_second", "images/s", "mean"),
+        ("adapt_memory_mb", "adapt memory MiB", "mean"),
+    ],
+}
+#: the per-step curve drawn per kind: (key in record["steps"], plot title)
+CURVES: dict[str, tuple[str, str]] = {
+    "class_incremental": ("accuracy_seen", "Accuracy on the seen experiences"),
+    "test_time": ("online_error", "Online error per domain"),
+}
+
+
+def cost_columns(kind: str) -> list[tuple[str, str, str]]:
+    return COSTS.get(kind, COST)
+
+
+def curve_spec(kind: str) -> tuple[str, str]:
+    return CURVES.get(kind, CURVES["class_incremental"])
 
 
 # ------------------------------------------------------------------------ reading
@@ -132,8 +154,8 @@ def latest_per_seed(runs: Iterable[TrackedRun]) -> dict[tuple[str, str, str], li
     return {k: [v[s] for s in sorted(v)] for k, v in groups.items()}
 
 
-def _curve(runs: Sequence[TrackedRun]) -> list[float | None]:
-    steps = [[s.get("accuracy_seen") for s in r.record.get("steps", [])] for r in runs]
+def _curve(runs: Sequence[TrackedRun], key: str) -> list[float | None]:
+    steps = [[s.get(key) for s in r.record.get("steps", [])] for r in runs]
     length = min((len(s) for s in steps), default=0)
     return [_mean_std([s[i] for s in steps])["mean"] for i in range(length)]
 
@@ -149,7 +171,7 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
         keys = [primary] + [k for k, _ in SECONDARY.get(kind, [])]
         metrics = {k: _mean_std([r.record["metrics"].get(k) for r in group]) for k in keys}
         cost = {}
-        for key, _, how in COST:
+        for key, _, how in cost_columns(kind):
             values = [r.record.get("efficiency", {}).get(key) for r in group]
             finite = [v for v in values if v is not None and math.isfinite(v)]
             if how == "max":
@@ -166,7 +188,7 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
                 "uses_task_id": any(bool(r.record.get("uses_task_id")) for r in group),
                 "metrics": metrics,
                 "cost": cost,
-                "curve": _curve(group),
+                "curve": _curve(group, curve_spec(kind)[0]),
                 "provenance": {
                     "runs": [
                         {"run_id": r.run_id, "run_name": str(r.record.get("run_name", ""))}
@@ -226,6 +248,8 @@ def _fmt_cost(key: str, v: float | None) -> str:
         return f"{int(v):,}"
     if key == "seconds_per_step":
         return f"{v * 1000:.1f} ms"
+    if key == "images_per_second":
+        return f"{v:.0f}"
     return f"{v:.2f}"
 
 
@@ -237,7 +261,7 @@ def _labels(board: Mapping[str, Any]) -> list[str]:
 def _cells(board: Mapping[str, Any], e: Mapping[str, Any]) -> list[str]:
     keys = [board["primary_metric"], *board["secondary_metrics"]]
     cells = [_fmt(e["metrics"].get(k)) for k in keys]
-    cells += [_fmt_cost(k, e["cost"].get(k)) for k, _, _ in COST]
+    cells += [_fmt_cost(k, e["cost"].get(k)) for k, _, _ in cost_columns(board["kind"])]
     return cells
 
 
@@ -273,7 +297,8 @@ def _provenance(e: Mapping[str, Any], esc: Callable[[Any], str], code: str) -> s
 
 def render_markdown(board: Mapping[str, Any]) -> str:
     arrow = "higher is better" if board["higher_is_better"] else "lower is better"
-    head = ["rank", "strategy", "backbone", *_labels(board), *(c[1] for c in COST), "n"]
+    costs = cost_columns(board["kind"])
+    head = ["rank", "strategy", "backbone", *_labels(board), *(c[1] for c in costs), "n"]
     lines = [
         f"# Leaderboard: {md_escape(board['scenario'])}",
         "",
@@ -315,7 +340,7 @@ def _svg_curves(board: Mapping[str, Any]) -> str:
 
     parts = [
         f'<svg class="curves" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-        f'role="img" aria-label="accuracy on seen experiences after each experience">',
+        f'role="img" aria-label="{html.escape(curve_spec(board["kind"])[1].lower())}">',
         f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>',
     ]
@@ -428,7 +453,8 @@ def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
         out.append(f'<section class="board" id="{esc(scenario)}">')
         out.append(f"<h2>{esc(scenario)}</h2>")
         out.append(f"<p>Kind: {esc(b['kind'])}. Ranked by {esc(b['primary_label'])} ({arrow}).</p>")
-        head = ["rank", "strategy", "backbone", *_labels(b), *(c[1] for c in COST), "n"]
+        costs = cost_columns(b["kind"])
+        head = ["rank", "strategy", "backbone", *_labels(b), *(c[1] for c in costs), "n"]
         out.append("<table><thead><tr>")
         out.append(
             "".join(
@@ -451,7 +477,7 @@ def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
         out.append("</tbody></table>")
         if _has_task_id(b):
             out.append(f"<p>{esc(TASK_ID_NOTE)}</p>")
-        out.append("<h3>Accuracy on the seen experiences</h3>")
+        out.append(f"<h3>{html.escape(curve_spec(b['kind'])[1])}</h3>")
         out.append(_svg_curves(b))
         out.append(f"<h3>{esc(b['primary_label'])} (± 1 std)</h3>")
         out.append(_svg_bars(b))

@@ -50,3 +50,21 @@ def accuracy_curve(values: Sequence[float], path: Path, title: str) -> Path:
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def online_error_bars(
+    domains: Sequence[str], errors: Sequence[float], path: Path, title: str
+) -> Path:
+    """Online error of each test-time domain, in stream order, with the mean as a line."""
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(domains), 3.6), dpi=100)
+    ax.bar(range(len(domains)), errors, color="#4c72b0")
+    ax.axhline(float(np.mean(errors)), color="#c44e52", lw=1, label=f"mean {np.mean(errors):.3f}")
+    ax.set_xticks(range(len(domains)), list(domains), rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("online error")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

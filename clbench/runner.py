@@ -21,8 +21,10 @@ from clbench import plots, tracking
 from clbench.config import resolve_device, to_container, validate
 from clbench.errors import ClbenchError, first_line
 from clbench.models import ClassifierModel, ClipClassifier
+from clbench.pretrain.source import source_classifier
 from clbench.progress import ProgressPlugin
 from clbench.protocols.class_incremental import ClassIncrementalResult, run_class_incremental
+from clbench.protocols.test_time import TestTimeResult, run_test_time
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
 from clbench.resources import peak_rss_mb
 from clbench.seeding import rng_state, seed_everything, set_rng_state
@@ -124,6 +126,14 @@ def execute(
         )
     seed_everything(int(cfg.seed))  # building the scenario/backbone must not shift the seed
     backbone.meta["params"] = sum(p.numel() for p in backbone.module.parameters())
+    if scenario.kind == "test_time":
+        if resume:
+            raise ClbenchError(
+                f"nothing to resume in {run_dir}: test-time runs are not checkpointed; "
+                "start it again"
+            )
+        record = execute_test_time(cfg, typed, run_dir, scenario, backbone, device, wall0)
+        return finish(cfg, record, run_dir, sweep_id, progress)
     progress_plugin = ProgressPlugin(scenario.num_experiences, enabled=progress)
     resumed: ClassIncrementalResult | None = None
     if resume:
@@ -160,10 +170,17 @@ def execute(
         on_checkpoint=on_checkpoint if cfg.get("checkpoint", True) else None,
     )
     record = build_record(cfg, run_dir, scenario, backbone, strategy, result, wall0)
-    if sweep_id:
-        record["tags"]["sweep_id"] = sweep_id
     if resumed_after is not None:
         record["resumed_after_experience"] = resumed_after
+    return finish(cfg, record, run_dir, sweep_id, progress)
+
+
+def finish(
+    cfg: DictConfig, record: dict[str, Any], run_dir: Path, sweep_id: str | None, progress: bool
+) -> dict[str, Any]:
+    """Write the run directory, track it, drop the checkpoint and print the summary."""
+    if sweep_id:
+        record["tags"]["sweep_id"] = sweep_id
     write_run_dir(record, run_dir)
     record["tracking"] = track(cfg, record, run_dir)
     (run_dir / "results.json").write_text(_dumps(record))
@@ -173,6 +190,41 @@ def execute(
         print(format_summary(record))
     print(f"run directory: {run_dir}")
     return record
+
+
+def execute_test_time(
+    cfg: DictConfig,
+    typed: dict[str, Any],
+    run_dir: Path,
+    scenario: Any,
+    backbone: Any,
+    device: torch.device,
+    wall0: float,
+) -> dict[str, Any]:
+    """A continual test-time-adaptation run: source model, strategy, online protocol."""
+    progress = bool(cfg.progress)
+    model = source_classifier(backbone, scenario, progress=progress)
+    seed_everything(int(cfg.seed))  # a source model trained just now must not shift it
+    strategy = STRATEGIES.get(cfg.strategy.name)(
+        model=model,
+        cfg=typed["strategy"],
+        seed=int(cfg.seed),
+        device=device,
+        scenario_meta=scenario.meta,
+    )
+    setup0 = time.perf_counter()
+    source = scenario.benchmark.streams.get("source")
+    strategy.setup(source[0].dataset if source is not None else None)
+    setup_seconds = time.perf_counter() - setup0
+
+    def on_domain(t: int, domain: str, error: float) -> None:
+        if progress:
+            print(f"  domain {t + 1:>2} {domain:<22} online error {error:.3f}", file=sys.stderr)
+
+    result = run_test_time(scenario, strategy, seed=int(cfg.seed), on_domain=on_domain)
+    return build_test_time_record(
+        cfg, run_dir, scenario, backbone, strategy, result, wall0, setup_seconds
+    )
 
 
 def save_checkpoint(
@@ -254,6 +306,36 @@ def build_record(
                 "train_seconds": result.train_seconds[t],
             }
         )
+    return {
+        **_identity(cfg, run_dir, scenario, backbone, strategy),
+        "classes_per_experience": result.classes_per_experience,
+        "test_sizes": result.test_sizes,
+        "accuracy_matrix": result.accuracy_matrix,
+        "accuracy_matrix_task_aware": result.accuracy_matrix_task_aware,
+        "initial_accuracy": result.initial_accuracy,
+        "initial_accuracy_task_aware": result.initial_accuracy_task_aware,
+        "metrics": metrics,
+        "steps": per_step,
+        "efficiency": {
+            "trainable_params": max(result.trainable_params),
+            "inference_params": strategy.num_inference_parameters(),
+            "backbone_params": backbone.meta["params"],
+            "train_steps": steps_total,
+            "seconds_per_step": train_total / max(steps_total, 1),
+            "passes_per_train_sample": result.passes_per_train_sample,
+            "passes_per_prediction": result.passes_per_prediction,
+            "train_seconds": train_total,
+            "eval_seconds": sum(result.eval_seconds),
+            "wall_seconds": time.perf_counter() - wall0,
+            "peak_rss_mb": peak_rss_mb(),
+        },
+    }
+
+
+def _identity(
+    cfg: DictConfig, run_dir: Path, scenario: Any, backbone: Any, strategy: Any
+) -> dict[str, Any]:
+    """The part of a run record every protocol shares: what ran, where, and its tags."""
     tags = {
         "scenario": scenario.name,
         "scenario_kind": scenario.kind,
@@ -277,28 +359,49 @@ def build_record(
         "uses_task_id": bool(getattr(strategy, "uses_task_id", False)),
         "config": to_container(cfg),
         "class_names": scenario.class_names,
-        "classes_per_experience": result.classes_per_experience,
-        "test_sizes": result.test_sizes,
-        "accuracy_matrix": result.accuracy_matrix,
-        "accuracy_matrix_task_aware": result.accuracy_matrix_task_aware,
-        "initial_accuracy": result.initial_accuracy,
-        "initial_accuracy_task_aware": result.initial_accuracy_task_aware,
-        "metrics": metrics,
-        "steps": per_step,
+        "tags": tags,
+    }
+
+
+MB = 1024 * 1024
+
+
+def build_test_time_record(
+    cfg: DictConfig,
+    run_dir: Path,
+    scenario: Any,
+    backbone: Any,
+    strategy: Any,
+    result: TestTimeResult,
+    wall0: float,
+    setup_seconds: float,
+) -> dict[str, Any]:
+    images = sum(result.domain_sizes)
+    return {
+        **_identity(cfg, run_dir, scenario, backbone, strategy),
+        "mode": result.mode,
+        "domains": result.domains,
+        "domain_sizes": result.domain_sizes,
+        "online_error": result.online_error,
+        "metrics": result.metrics(),
+        "steps": [{"online_error": e} for e in result.online_error],
+        "method_stats": strategy.stats(),
         "efficiency": {
-            "trainable_params": max(result.trainable_params),
+            "trainable_params": strategy.num_trainable_parameters(),
             "inference_params": strategy.num_inference_parameters(),
             "backbone_params": backbone.meta["params"],
-            "train_steps": steps_total,
-            "seconds_per_step": train_total / max(steps_total, 1),
-            "passes_per_train_sample": result.passes_per_train_sample,
-            "passes_per_prediction": result.passes_per_prediction,
-            "train_seconds": train_total,
-            "eval_seconds": sum(result.eval_seconds),
+            "adapt_steps": result.steps,
+            "adapt_seconds": result.adapt_seconds,
+            "seconds_per_step": result.adapt_seconds / max(result.steps, 1),
+            "images_per_second": images / max(result.adapt_seconds, 1e-9),
+            "setup_seconds": setup_seconds,
+            "backward_cache_mb": result.backward_cache_bytes / MB,
+            "state_mb": result.state_bytes / MB,
+            "adapt_memory_mb": (result.backward_cache_bytes + result.state_bytes) / MB,
+            "cuda_peak_mb": None if result.cuda_peak_bytes is None else result.cuda_peak_bytes / MB,
             "wall_seconds": time.perf_counter() - wall0,
             "peak_rss_mb": peak_rss_mb(),
         },
-        "tags": tags,
     }
 
 
@@ -320,6 +423,12 @@ def write_run_dir(record: dict[str, Any], run_dir: Path) -> None:
     """results.json, the resolved config and the plots."""
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(record["config"])))
     title = f"{record['strategy']} on {record['scenario']} (seed {record['seed']})"
+    if record["kind"] == "test_time":
+        plots.online_error_bars(
+            record["domains"], record["online_error"], run_dir / "online_error.png", title
+        )
+        (run_dir / "results.json").write_text(_dumps(record))
+        return
     plots.accuracy_heatmap(record["accuracy_matrix"], run_dir / "accuracy_matrix.png", title)
     plots.accuracy_curve(
         [s["accuracy_seen"] for s in record["steps"]], run_dir / "accuracy_curve.png", title
@@ -383,8 +492,23 @@ def sync_run_dir(
     return record["tracking"]
 
 
+def format_test_time_summary(record: dict[str, Any]) -> str:
+    """Online error per domain, the mean, clean accuracy kept, and the cost."""
+    lines = [f"online error per domain ({record['mode']})"]
+    for d, e in zip(record["domains"], record["online_error"], strict=True):
+        lines.append(f"  {d:<24} {e:.4f}")
+    for k, v in record["metrics"].items():
+        lines.append(f"{k:>30}: {v:.4f}" if isinstance(v, float) else f"{k:>30}: n/a")
+    e = record["efficiency"]
+    lines.append(f"{'images per second':>30}: {e['images_per_second']:.1f}")
+    lines.append(f"{'adaptation memory (MiB)':>30}: {e['adapt_memory_mb']:.2f}")
+    return "\n".join(lines)
+
+
 def format_summary(record: dict[str, Any]) -> str:
     """The accuracy matrix and the headline metrics as text."""
+    if record["kind"] == "test_time":
+        return format_test_time_summary(record)
     a = record["accuracy_matrix"]
     n = len(a[0])
     lines = ["accuracy matrix R[t][i] (rows: after experience t, columns: test experience i)"]

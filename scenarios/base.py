@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
 from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
 from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
 from avalanche.benchmarks.utils.classification_dataset import (
@@ -39,6 +40,9 @@ class Scenario:
 
     @property
     def num_experiences(self) -> int:
+        """Training experiences; for test-time scenarios, the domains of the test stream."""
+        if self.kind == "test_time":
+            return len(self.benchmark.test_stream)
         return len(self.benchmark.train_stream)
 
     @property
@@ -83,3 +87,32 @@ def class_incremental_from_tensors(
     return class_incremental_benchmark(
         datasets, class_order=list(range(n_classes)), num_experiences=n_experiences
     )
+
+
+def _dataset(x: torch.Tensor, y: torch.Tensor) -> Any:
+    return _as_taskaware_supervised_classification_dataset(LabelledTensors(x, y))
+
+
+def test_time_benchmark(
+    domains: Sequence[tuple[torch.Tensor, torch.Tensor] | Any],
+    source: tuple[torch.Tensor, torch.Tensor] | None = None,
+    clean: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> CLScenario:
+    """An Avalanche benchmark for continual test-time adaptation.
+
+    ``test_stream``: one experience per domain (labels are for scoring only); a domain is
+    an ``(x, y)`` pair of tensors or a dataset with ``targets`` (read lazily).
+    ``source_stream`` (optional): labelled clean source data, for the source model and
+    methods that use clean samples (EATA's Fisher, EcoTTA's warm-up).
+    ``clean_stream`` (optional): the clean test set, to measure what is kept of the
+    source task after adaptation.
+    """
+    wrap = _as_taskaware_supervised_classification_dataset
+    streams: dict[str, list[Any]] = {
+        "test": [_dataset(*d) if isinstance(d, tuple) else wrap(d) for d in domains]
+    }
+    if source is not None:
+        streams["source"] = [_dataset(*source)]
+    if clean is not None:
+        streams["clean"] = [_dataset(*clean)]
+    return benchmark_from_datasets(**streams)

@@ -1,3 +1,11 @@
 """Built-in strategies (importable as ``clbench.strategies``); importing registers them."""
 
-from clbench.strategies import baselines, experts, inflora, lora, prompts, rank  # noqa: F401
+from clbench.strategies import (  # noqa: F401
+    baselines,
+    experts,
+    inflora,
+    lora,
+    prompts,
+    rank,
+    test_time,
+)

@@ -55,5 +55,6 @@ def micro_vit(cfg: MicroViTConfig, progress: bool = True) -> Backbone:
 
 micro_vit.Config = MicroViTConfig  # type: ignore[attr-defined]
 
-# The registry imports this module for the built-in backbones: register the CLIP ones too.
-import clbench.backbones.clip  # noqa: E402, F401
+# The registry imports this module for the built-in backbones: register the others too.
+import clbench.backbones.clip  # noqa: E402
+import clbench.backbones.wideresnet  # noqa: E402, F401

@@ -11,13 +11,16 @@ here downloads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clbench.backbones.base import Backbone
 from clbench.errors import ClbenchError
+from clbench.registry import BACKBONES
 
 
 class BasicBlock(nn.Module):
@@ -70,14 +73,19 @@ class WideResNet(nn.Module):
     """WRN-depth-widen for 32x32 inputs; ``forward_features`` gives the pooled features."""
 
     def __init__(
-        self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, drop_rate: float = 0.0
+        self,
+        depth: int = 28,
+        widen_factor: int = 10,
+        num_classes: int = 10,
+        drop_rate: float = 0.0,
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
         self.block1 = NetworkBlock(n, widths[0], widths[1], 1, drop_rate)
         self.block2 = NetworkBlock(n, widths[1], widths[2], 2, drop_rate)
         self.block3 = NetworkBlock(n, widths[2], widths[3], 2, drop_rate)
@@ -132,3 +140,52 @@ def load_robustbench_state(model: WideResNet, path: str | Path) -> None:
             f"{path} does not fit WideResNet-{len(model.block1.layer) * 6 + 4}: "
             f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
+
+
+@dataclass
+class WideResNetConfig:
+    name: str = "wideresnet"
+    depth: int = 28
+    widen_factor: int = 10
+    in_chans: int = 3
+    img_size: int = 32  # the input size it is used at (any size >= 8 works)
+    num_classes: int = 10  # of the checkpoint's classifier
+    # a local RobustBench-style state dict (e.g. RobustBench's CIFAR-10 "Standard.pt"):
+    # the backbone is then a ready source classifier; empty = random initialisation (a
+    # source model is trained on the scenario's source data, clbench.pretrain.source)
+    checkpoint: str = ""
+    init_seed: int = 0  # the random initialisation
+
+    def __post_init__(self) -> None:
+        if (self.depth - 4) % 6 or self.depth < 10:
+            raise ClbenchError(
+                f"invalid value for backbone.depth: {self.depth}; "
+                "must be 6n + 4 (10, 16, 22, 28...)"
+            )
+
+
+@BACKBONES.register("wideresnet")
+def wideresnet(cfg: WideResNetConfig) -> Backbone:
+    """CIFAR WideResNet with BatchNorm (RobustBench names); a local checkpoint or random init."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = WideResNet(cfg.depth, cfg.widen_factor, cfg.num_classes, in_chans=cfg.in_chans)
+    meta: dict = {"input_shapes": [(cfg.in_chans, None, None)]}
+    if cfg.checkpoint:
+        load_robustbench_state(model, cfg.checkpoint)
+        meta["head"] = model.fc  # the checkpoint classifies: it is the source model
+        source = str(Path(cfg.checkpoint).expanduser())
+    else:
+        source = f"random-init(seed={cfg.init_seed})"
+    model.fc = nn.Identity()  # the backbone returns pooled features
+    return Backbone(
+        name=f"wrn_{cfg.depth}_{cfg.widen_factor}",
+        module=model.eval(),
+        feature_dim=model.num_features,
+        input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
+        source=source,
+        meta=meta,
+    )
+
+
+wideresnet.Config = WideResNetConfig  # type: ignore[attr-defined]
