@@ -2,10 +2,11 @@
 
     python benchmarks/summarize_runs.py RUNS_DIR [RUNS_DIR ...]
 
-Reads every results.json below the given folders (one row per strategy; a seed seen
-twice counts once), so it also covers runs made with tracking=none, and it shows the
-cost columns of benchmarks/RESULTS.md (inference params, passes per training sample,
-peak RSS). For boards from tracked runs use `clbench leaderboard publish`.
+Reads every results.json below the given folders (one row per strategy, or per backbone
+and strategy for test-time runs; a seed seen twice counts once), so it also covers runs
+made with tracking=none, and it shows the cost columns of benchmarks/RESULTS.md
+(inference params, passes per training sample, peak RSS; for test-time runs images/s
+and adaptation memory). For boards from tracked runs use `clbench leaderboard publish`.
 """
 
 from __future__ import annotations
@@ -37,12 +38,48 @@ def _passes(eff: list[dict], key: str) -> str:
     return f"{statistics.mean(values):.2f}"
 
 
+def test_time_table(runs: dict[tuple[str, str], dict[int, dict]]) -> None:
+    """Mean online error, clean accuracy kept and the cost per (backbone, strategy)."""
+    head = ["backbone", "strategy", "mean online error", "clean acc after", "images/s"]
+    head += ["backward cache MiB", "state MiB", "trainable", "method stats", "n"]
+    print("| " + " | ".join(head) + " |")
+    print("|---" * len(head) + "|")
+    for (backbone, name), by_seed in sorted(runs.items()):
+        rs = list(by_seed.values())
+        eff = [r["efficiency"] for r in rs]
+        stats = defaultdict(list)
+        for r in rs:
+            for k, v in r.get("method_stats", {}).items():
+                stats[k].append(v)
+        cells = [
+            backbone,
+            name,
+            mean_std([r["metrics"]["mean_online_error"] for r in rs]),
+            mean_std([r["metrics"]["clean_accuracy_after"] for r in rs]),
+            f"{statistics.mean(e['images_per_second'] for e in eff):.0f}",
+            f"{max(e['backward_cache_mb'] for e in eff):.1f}",
+            f"{max(e['state_mb'] for e in eff):.1f}",
+            f"{max(e['trainable_params'] for e in eff):,}",
+            ", ".join(f"{k} {statistics.mean(v):.3f}" for k, v in sorted(stats.items())) or "-",
+            str(len(rs)),
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
 def main(roots: list[str]) -> None:
     runs: dict[str, dict[int, dict]] = defaultdict(dict)
+    tta: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for root in roots:
         for path in sorted(Path(root).rglob("results.json")):
             r = json.loads(path.read_text())
-            runs[r["strategy"]][r["seed"]] = r
+            if r.get("kind") == "test_time":
+                tta[(r["backbone"], r["strategy"])][r["seed"]] = r
+            else:
+                runs[r["strategy"]][r["seed"]] = r
+    if tta:
+        test_time_table(tta)
+    if not runs:
+        return
     head = [c[0] for c in COLUMNS]
     head += ["trainable", "inference params", "s/step", "passes/pred", "passes/train sample"]
     head += ["peak RSS MB", "n"]

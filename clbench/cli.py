@@ -25,7 +25,7 @@ commands:
   resume RUN_DIR             continue a killed run from its last finished experience
   sync RUN_DIR... [--tracking-uri URI] [--experiment NAME] [--force]
                              upload run directories whose tracking failed (or was off)
-  leaderboard publish [--tracking-uri URI] [--experiment NAME] [--out DIR]
+  leaderboard publish [--tracking-uri URI]... [--experiment NAME] [--out DIR]
                              leaderboards/<scenario>.md/.json + index.html from tracked runs
 
 options for run: -m/--multirun (sweep), --verbose (tracebacks), --cfg job (print config)
@@ -208,11 +208,16 @@ def cmd_leaderboard(args: list[str]) -> int:
 
     p = _Parser(prog="clbench leaderboard", description="publish leaderboards from tracked runs")
     p.add_argument("action", choices=["publish"])
-    p.add_argument("--tracking-uri", default=None, help="default: MLflow's (MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--tracking-uri",
+        action="append",
+        default=None,
+        help="default: MLflow's (MLFLOW_TRACKING_URI); repeat to publish runs of several stores",
+    )
     p.add_argument("--experiment", default="clbench")
     p.add_argument("--out", type=Path, default=Path("leaderboards"))
     ns = p.parse_args(args)
-    runs = read_runs(ns.tracking_uri, ns.experiment)
+    runs = [r for uri in ns.tracking_uri or [None] for r in read_runs(uri, ns.experiment)]
     for path in publish(runs, ns.out):
         print(path)
     return 0

@@ -206,6 +206,11 @@ def test_a_tta_run_end_to_end_is_tracked_deterministic_and_ranked(tmp_path, caps
     assert board["kind"] == "test_time" and board["primary_metric"] == "mean_online_error"
     assert [e["strategy"] for e in board["entries"]] == ["tent", "source"]  # lower error first
     assert board["entries"][1]["curve"] == pytest.approx(src["online_error"], rel=1e-5)
+    out = tmp_path / "boards"
+    publish = ["leaderboard", "publish", "--out", str(out)]
+    assert run_cli([*publish, "--tracking-uri", uri, "--tracking-uri", uri]) == 0  # two stores
+    md = (out / "digits_c.md").read_text()
+    assert "mean online error" in md and "images/s" in md and "clean acc after" in md
     # a class-incremental strategy on a test-time scenario: one line, exit 2
     capsys.readouterr()
     assert run_cli([*common, "strategy=lora", f"runs_dir={tmp_path / 'bad'}"]) == 2
