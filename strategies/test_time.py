@@ -25,6 +25,7 @@ from clbench.adapters.tta import (
     ema_update_,
     entropy_margin,
     fisher_diagonal,
+    make_frozen_layers_lean,
     norm_affine_parameters,
     soft_cross_entropy,
     softmax_entropy,
@@ -570,6 +571,11 @@ class EcoTTAConfig(OptimizedConfig):
     warmup_epochs: int = 10
     warmup_lr: float = 5e-2
     warmup_batch_size: int = 64
+    # the frozen encoder's BatchNorm at test time: "source" = its source statistics (the
+    # encoder is frozen; the meta networks' BN adapt; the authors' sample code and the
+    # paper's memory accounting) or "batch" = test-batch statistics (the latest WRN-28
+    # reimplementation). With "source" the frozen layers keep nothing for backward.
+    frozen_bn: str = "source"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -578,6 +584,7 @@ class EcoTTAConfig(OptimizedConfig):
         check_positive("strategy.warmup_epochs", self.warmup_epochs, allow_zero=True)
         check_positive("strategy.warmup_lr", self.warmup_lr)
         check_positive("strategy.warmup_batch_size", self.warmup_batch_size)
+        check_choice("strategy.frozen_bn", self.frozen_bn, ("source", "batch"))
         if len(self.split_stages) != 3:
             raise ClbenchError(
                 f"invalid value for strategy.split_stages: {list(self.split_stages)}; "
@@ -615,8 +622,12 @@ class EcoTTA(TestTimeStrategy):
                     "none; set strategy.warmup_epochs=0 to skip the warm-up"
                 )
             self.warm_up(source)
-        use_batch_statistics(self.model)
-        self.model.train()
+        self.model.eval()
+        for part in self.parts:  # the meta networks normalise with the test batch
+            use_batch_statistics(nn.ModuleList([part.meta_bn, part.conv_block]))
+        if self.cfg.frozen_bn == "batch":
+            use_batch_statistics(self.model)
+        make_frozen_layers_lean(self.model)
         self.optimizer = make_optimizer(self.meta_params, self.cfg)
         super().setup(source)
 

@@ -288,3 +288,32 @@ def test_test_time_classes_are_the_registered_ones():
     assert STRATEGIES.get("eata") is EATA and STRATEGIES.get("psmt") is PSMT
     assert STRATEGIES.get("ecotta") is EcoTTA
     assert np.isclose(make("eata", bn_model(), fisher_alpha=0.0).e0, 0.4 * np.log(N_CLASSES))
+
+
+def test_lean_frozen_layers_keep_less_for_backward_and_compute_the_same():
+    from clbench.adapters.tta import SavedTensorMeter, make_frozen_layers_lean
+
+    model = bn_model().requires_grad_(False)
+    lean = copy.deepcopy(model)
+    assert make_frozen_layers_lean(lean) > 0
+    x = batch(50).requires_grad_(True)
+    results = []
+    for m in (model, lean):
+        meter = SavedTensorMeter(m)
+        with meter.measure():
+            y = m(x)
+            (g,) = torch.autograd.grad(y.square().sum(), x)
+        results.append((y.detach(), g, meter.peak))
+    (y0, g0, mem0), (y1, g1, mem1) = results
+    assert torch.allclose(y0, y1, atol=1e-5) and torch.allclose(g0, g1, atol=1e-5)
+    assert mem1 < 0.7 * mem0
+    assert lean.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("frozen_bn", ["source", "batch"])
+def test_ecotta_frozen_encoder_statistics(frozen_bn):
+    st = make("ecotta", bn_model(), source=source_data(), warmup_epochs=1, frozen_bn=frozen_bn)
+    stem_bn = st.model.backbone.block1.layer[0].part[0].bn1
+    assert (stem_bn.running_var is not None) is (frozen_bn == "source")
+    assert all(p.meta_bn.running_var is None for p in st.parts)  # meta BN: batch statistics
+    st.adapt(batch(51))

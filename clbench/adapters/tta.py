@@ -208,6 +208,66 @@ class SavedTensorMeter:
         self.peak = max(self.peak, sum(seen.values()))
 
 
+# --------------------------------------------------- memory-lean frozen layers (EcoTTA)
+class _InputGradConv2d(torch.autograd.Function):
+    """A convolution whose weight is frozen: backward needs the weight, not the input."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:  # type: ignore[override]
+        ctx.conv, ctx.shape = conv, x.shape
+        c = conv
+        return F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        c = ctx.conv
+        gx = torch.nn.grad.conv2d_input(
+            ctx.shape, c.weight, grad, c.stride, c.padding, c.dilation, c.groups
+        )
+        return gx, None
+
+
+class LeanFrozenConv2d(nn.Conv2d):
+    """A frozen Conv2d that keeps nothing for backward (PyTorch's keeps its input)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad or not torch.is_grad_enabled():
+            return super().forward(x)
+        return _InputGradConv2d.apply(x, self)
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A frozen BatchNorm with source statistics as one per-channel affine map.
+
+    ``x * scale + shift`` with constant scale and shift keeps only the scale for backward
+    (nn.BatchNorm2d keeps its input). Used where the statistics are not re-estimated.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad or self.running_var is None:
+            return super().forward(x)
+        scale = self.weight / torch.sqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).detach() + shift.view(1, -1, 1, 1).detach()
+
+
+def make_frozen_layers_lean(module: nn.Module) -> int:
+    """Swap frozen Conv2d / eval-statistics BatchNorm2d for their memory-lean versions.
+
+    Same parameters, buffers and outputs; only what autograd stores changes. Returns the
+    number of layers swapped.
+    """
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Conv2d and not m.weight.requires_grad:
+            m.__class__ = LeanFrozenConv2d
+            n += 1
+        elif type(m) is nn.BatchNorm2d and m.running_var is not None and not m.weight.requires_grad:
+            m.__class__ = FoldedBatchNorm2d
+            n += 1
+    return n
+
+
 # --------------------------------------------------------------- CoTTA's augmentation
 def cotta_augment(
     x: torch.Tensor,
