@@ -16,3 +16,7 @@ clbench run -m "${common[@]}" backbone=wrn_16_2 strategy=source,bn_adapt,tent,ea
 clbench run -m "${common[@]}" backbone=micro_vit,wrn_16_2 strategy=eata tracking.experiment=variants \
   strategy.optimizer=adam strategy.lr=1e-3 strategy.e_margin=1.0 strategy.d_margin=0.4 \
   strategy.fisher_alpha=1.0
+# EcoTTA with the frozen encoder's BatchNorm on test-batch statistics (the latest WRN-28
+# reimplementation) instead of its source statistics (the default)
+clbench run -m "${common[@]}" backbone=wrn_16_2 strategy=ecotta strategy.frozen_bn=batch \
+  tracking.experiment=variants
