@@ -306,7 +306,7 @@ def test_lean_frozen_layers_keep_less_for_backward_and_compute_the_same():
         results.append((y.detach(), g, meter.peak))
     (y0, g0, mem0), (y1, g1, mem1) = results
     assert torch.allclose(y0, y1, atol=1e-5) and torch.allclose(g0, g1, atol=1e-5)
-    assert mem1 < 0.7 * mem0
+    assert mem1 < 0.25 * mem0  # no conv inputs, no BN inputs, one-byte ReLU masks
     assert lean.state_dict().keys() == model.state_dict().keys()
 
 

@@ -236,6 +236,30 @@ class LeanFrozenConv2d(nn.Conv2d):
         return _InputGradConv2d.apply(x, self)
 
 
+class _MaskReLU(torch.autograd.Function):
+    """ReLU keeping a one-byte mask for backward instead of its float output."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.clamp_min(0)
+        ctx.save_for_backward(y > 0)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask
+
+
+class LeanReLU(nn.ReLU):
+    """nn.ReLU whose backward keeps a bool mask (a quarter of the float output's bytes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return _MaskReLU.apply(x)
+
+
 class FoldedBatchNorm2d(nn.BatchNorm2d):
     """A frozen BatchNorm with source statistics as one per-channel affine map.
 
@@ -252,7 +276,7 @@ class FoldedBatchNorm2d(nn.BatchNorm2d):
 
 
 def make_frozen_layers_lean(module: nn.Module) -> int:
-    """Swap frozen Conv2d / eval-statistics BatchNorm2d for their memory-lean versions.
+    """Swap frozen Conv2d, eval-statistics BatchNorm2d and ReLU for memory-lean versions.
 
     Same parameters, buffers and outputs; only what autograd stores changes. Returns the
     number of layers swapped.
@@ -264,6 +288,9 @@ def make_frozen_layers_lean(module: nn.Module) -> int:
             n += 1
         elif type(m) is nn.BatchNorm2d and m.running_var is not None and not m.weight.requires_grad:
             m.__class__ = FoldedBatchNorm2d
+            n += 1
+        elif type(m) is nn.ReLU:
+            m.__class__ = LeanReLU
             n += 1
     return n
 
