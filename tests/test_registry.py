@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from helpers import FAST
 
 PLUGIN = '''
@@ -87,3 +89,21 @@ def test_registry_lists_builtins_without_plugins():
     from clbench.registry import STRATEGIES
 
     assert {"finetune", "joint", "linear_probe", "lora"} <= set(STRATEGIES.names())
+
+
+@pytest.mark.parametrize("group", ["strategy", "scenario", "backbone"])
+def test_every_shipped_yaml_states_every_option_of_its_schema(group):
+    """A YAML in conf/GROUP lists exactly its component's Config fields, so every option
+    is overridable from the command line and documented where users look."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from clbench.config import CONF_DIR
+    from clbench.registry import REGISTRIES
+
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        node = OmegaConf.load(path)
+        schema = REGISTRIES[group].get(node.name).Config
+        fields = {f.name for f in dataclasses.fields(schema)}
+        assert set(node.keys()) == fields, (path.name, fields ^ set(node.keys()))
