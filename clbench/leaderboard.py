@@ -47,14 +47,13 @@ SECONDARY: dict[str, list[tuple[str, str]]] = {
     ],
     "test_time": [("clean_accuracy_after", "clean acc after")],
 }
-#: cost columns: (key in record["efficiency"], label, how to aggregate)
-COST = [
-    ("trainable_params", "trainable params", "max"),
-    ("seconds_per_step", "s/step", "mean"),
-    ("passes_per_prediction", "passes/pred", "mean"),
-]
-#: per kind where it differs from COST
+#: cost columns per kind: (key in record["efficiency"], label, how to aggregate)
 COSTS: dict[str, list[tuple[str, str, str]]] = {
+    "class_incremental": [
+        ("trainable_params", "trainable params", "max"),
+        ("seconds_per_step", "s/step", "mean"),
+        ("passes_per_prediction", "passes/pred", "mean"),
+    ],
     "test_time": [
         ("trainable_params", "trainable params", "max"),
         ("images_per_second", "images/s", "mean"),
@@ -69,7 +68,7 @@ CURVES: dict[str, tuple[str, str]] = {
 
 
 def cost_columns(kind: str) -> list[tuple[str, str, str]]:
-    return COSTS.get(kind, COST)
+    return COSTS.get(kind, COSTS["class_incremental"])
 
 
 def curve_spec(kind: str) -> tuple[str, str]:

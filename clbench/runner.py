@@ -132,7 +132,9 @@ def execute(
                 f"nothing to resume in {run_dir}: test-time runs are not checkpointed; "
                 "start it again"
             )
-        record = execute_test_time(cfg, typed, run_dir, scenario, backbone, device, wall0)
+        record = execute_test_time(
+            cfg, typed, run_dir, scenario, backbone, strategy_cls, device, wall0
+        )
         return finish(cfg, record, run_dir, sweep_id, progress)
     progress_plugin = ProgressPlugin(scenario.num_experiences, enabled=progress)
     resumed: ClassIncrementalResult | None = None
@@ -198,6 +200,7 @@ def execute_test_time(
     run_dir: Path,
     scenario: Any,
     backbone: Any,
+    strategy_cls: Any,
     device: torch.device,
     wall0: float,
 ) -> dict[str, Any]:
@@ -205,7 +208,7 @@ def execute_test_time(
     progress = bool(cfg.progress)
     model = source_classifier(backbone, scenario, progress=progress)
     seed_everything(int(cfg.seed))  # a source model trained just now must not shift it
-    strategy = STRATEGIES.get(cfg.strategy.name)(
+    strategy = strategy_cls(
         model=model,
         cfg=typed["strategy"],
         seed=int(cfg.seed),

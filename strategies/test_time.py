@@ -210,17 +210,22 @@ class TentConfig(OptimizedConfig):
     name: str = "tent"
 
 
-@STRATEGIES.register("tent")
-class Tent(TestTimeStrategy):
-    """Entropy minimisation over the normalisation affine parameters (Wang et al. 2021)."""
-
-    Config = TentConfig
+class NormAffine(TestTimeStrategy):
+    """Base of Tent and EATA: BN on batch statistics, only normalisation affines train."""
 
     def configure(self) -> None:
         use_batch_statistics(self.model)
         self.model.train()
-        params = train_only(self.model, norm_affine_parameters(self.model).values())
-        self.optimizer = make_optimizer(params, self.cfg)
+        self.norm_params = norm_affine_parameters(self.model)
+        train_only(self.model, self.norm_params.values())
+        self.optimizer = make_optimizer(list(self.norm_params.values()), self.cfg)
+
+
+@STRATEGIES.register("tent")
+class Tent(NormAffine):
+    """Entropy minimisation over the normalisation affine parameters (Wang et al. 2021)."""
+
+    Config = TentConfig
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         first = None
@@ -383,17 +388,13 @@ class FisherAnchored(TestTimeStrategy):
 
 
 @STRATEGIES.register("eata")
-class EATA(FisherAnchored):
+class EATA(FisherAnchored, NormAffine):
     """Entropy minimisation on reliable, non-redundant samples with a Fisher anchor (EATA)."""
 
     Config = EATAConfig
 
     def configure(self) -> None:
-        use_batch_statistics(self.model)
-        self.model.train()
-        self.norm_params = norm_affine_parameters(self.model)
-        train_only(self.model, self.norm_params.values())
-        self.optimizer = make_optimizer(list(self.norm_params.values()), self.cfg)
+        super().configure()
         self.e0 = entropy_margin(self.num_classes, self.cfg.e_margin)
         self.reset_state()
 

@@ -73,6 +73,11 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
+def entropy_margin(num_classes: int, fraction: float = 0.4) -> float:
+    """The reliability threshold of EATA and EcoTTA: E0 = fraction * ln C."""
+    return fraction * math.log(num_classes)
+
+
 def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy of softmax(logits) to the soft labels softmax(target_logits)."""
     return -(target_logits.softmax(1) * logits.log_softmax(1)).sum(1)
@@ -353,8 +358,3 @@ def cotta_augment(
     noise = torch.randn(img.shape, generator=generator)
     img = (img + noise_std * noise.to(img.device)).clamp(0.0, 1.0)
     return img * (hi - lo) + lo
-
-
-def entropy_margin(num_classes: int, fraction: float = 0.4) -> float:
-    """EATA's reliability threshold E0 = fraction * ln C."""
-    return fraction * math.log(num_classes)
