@@ -91,7 +91,16 @@ def cmd_run(args: list[str]) -> int:
             "drop -m to print the configuration"
         )
     register_plugin_configs()
-    check_overrides(overrides)
+    configs = check_overrides(overrides)
+    if "-m" in modes or "--multirun" in modes:
+        # parallel jobs must not race to create (and migrate) a fresh local store
+        from clbench.tracking import prepare_local_store
+
+        for uri, experiment in sorted(
+            {(c.tracking.uri, c.tracking.experiment) for c in configs if c.tracking.enabled},
+            key=str,
+        ):
+            prepare_local_store(uri, experiment)
 
     import hydra
     from hydra.core.hydra_config import HydraConfig

@@ -220,11 +220,18 @@ def _valid_keys(parent: str, overrides: Sequence[str]) -> list[str]:
     return [f"{parent}.{k}" if parent else str(k) for k in node]
 
 
-def check_overrides(overrides: Sequence[str]) -> None:
-    """Validate every job a (possibly sweeping) override list would run; raise ConfigError."""
+def check_overrides(overrides: Sequence[str]) -> list[DictConfig]:
+    """Validate every job a (possibly sweeping) override list would run; raise ConfigError.
+
+    Returns the composed configs (at most ``MAX_VALIDATED_COMBINATIONS`` distinct ones).
+    """
     user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    configs = []
     for job in _expand(user):
-        validate(compose(job))
+        cfg = compose(job)
+        validate(cfg)
+        configs.append(cfg)
+    return configs
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -46,6 +46,27 @@ def quiet() -> Iterator[None]:
             lg.setLevel(lvl)
 
 
+def prepare_local_store(uri: str | None, experiment: str) -> None:
+    """Create a local (SQLite / default) store and its experiment once, before a sweep.
+
+    Jobs starting together on a store that does not exist yet race in MLflow's schema
+    migration ("table _alembic_tmp_tags already exists") and in creating the experiment;
+    doing both first, in one process, leaves the jobs nothing to race for. A server
+    (http/https) or a failure here is left to the jobs (which retry and keep their runs).
+    """
+    if uri and not uri.startswith("sqlite:"):
+        return
+    try:
+        import mlflow
+
+        with quiet():
+            client = mlflow.MlflowClient(uri)
+            if client.get_experiment_by_name(experiment) is None:
+                client.create_experiment(experiment)
+    except Exception:  # the jobs report tracking problems themselves, one line each
+        return
+
+
 def log_run(record: Mapping[str, Any], run_dir: Path, uri: str | None, experiment: str) -> str:
     """Log a run record (see clbench.runner) to MLflow; returns the MLflow run id."""
     import mlflow

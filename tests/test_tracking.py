@@ -49,3 +49,17 @@ def test_unreachable_server_keeps_the_run(tmp_path, capsys):
     res = results_of(only_run_dir(tmp_path / "runs"))
     assert res["tracking"]["status"] == "failed"
     assert len(res["accuracy_matrix"]) == 2
+
+
+def test_a_sweep_prepares_a_fresh_local_store_once(tmp_path):
+    """Parallel jobs would race in MLflow's schema migration on a store that does not exist."""
+    import mlflow
+
+    from clbench.tracking import prepare_local_store
+
+    uri = f"sqlite:///{tmp_path}/fresh.db"
+    prepare_local_store(uri, "sweep-exp")
+    assert mlflow.MlflowClient(uri).get_experiment_by_name("sweep-exp") is not None
+    prepare_local_store(uri, "sweep-exp")  # a second time: nothing to do, no error
+    prepare_local_store("http://127.0.0.1:9", "x")  # a server: left to the jobs, no wait
+    assert not list(tmp_path.glob("*.db"))[1:]  # nothing else created
