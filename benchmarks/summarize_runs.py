@@ -38,7 +38,7 @@ def _passes(eff: list[dict], key: str) -> str:
     return f"{statistics.mean(values):.2f}"
 
 
-def test_time_table(runs: dict[tuple[str, str], dict[int, dict]]) -> None:
+def tta_table(runs: dict[tuple[str, str], dict[int, dict]]) -> None:
     """Mean online error, clean accuracy kept and the cost per (backbone, strategy)."""
     head = ["backbone", "strategy", "mean online error", "clean acc after", "images/s"]
     head += ["backward cache MiB", "state MiB", "trainable", "method stats", "n"]
@@ -77,7 +77,7 @@ def main(roots: list[str]) -> None:
             else:
                 runs[r["strategy"]][r["seed"]] = r
     if tta:
-        test_time_table(tta)
+        tta_table(tta)
     if not runs:
         return
     head = [c[0] for c in COLUMNS]

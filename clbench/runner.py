@@ -24,7 +24,7 @@ from clbench.models import ClassifierModel, ClipClassifier
 from clbench.pretrain.source import source_classifier
 from clbench.progress import ProgressPlugin
 from clbench.protocols.class_incremental import ClassIncrementalResult, run_class_incremental
-from clbench.protocols.test_time import TestTimeResult, run_test_time
+from clbench.protocols.tta import TTAResult, run_tta
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
 from clbench.resources import peak_rss_mb
 from clbench.seeding import rng_state, seed_everything, set_rng_state
@@ -132,7 +132,7 @@ def execute(
                 f"nothing to resume in {run_dir}: test-time runs are not checkpointed; "
                 "start it again"
             )
-        record = execute_test_time(
+        record = execute_tta(
             cfg, typed, run_dir, scenario, backbone, strategy_cls, device, wall0
         )
         return finish(cfg, record, run_dir, sweep_id, progress)
@@ -194,7 +194,7 @@ def finish(
     return record
 
 
-def execute_test_time(
+def execute_tta(
     cfg: DictConfig,
     typed: dict[str, Any],
     run_dir: Path,
@@ -224,8 +224,8 @@ def execute_test_time(
         if progress:
             print(f"  domain {t + 1:>2} {domain:<22} online error {error:.3f}", file=sys.stderr)
 
-    result = run_test_time(scenario, strategy, seed=int(cfg.seed), on_domain=on_domain)
-    return build_test_time_record(
+    result = run_tta(scenario, strategy, seed=int(cfg.seed), on_domain=on_domain)
+    return build_tta_record(
         cfg, run_dir, scenario, backbone, strategy, result, wall0, setup_seconds
     )
 
@@ -369,13 +369,13 @@ def _identity(
 MB = 1024 * 1024
 
 
-def build_test_time_record(
+def build_tta_record(
     cfg: DictConfig,
     run_dir: Path,
     scenario: Any,
     backbone: Any,
     strategy: Any,
-    result: TestTimeResult,
+    result: TTAResult,
     wall0: float,
     setup_seconds: float,
 ) -> dict[str, Any]:
@@ -495,7 +495,7 @@ def sync_run_dir(
     return record["tracking"]
 
 
-def format_test_time_summary(record: dict[str, Any]) -> str:
+def format_tta_summary(record: dict[str, Any]) -> str:
     """Online error per domain, the mean, clean accuracy kept, and the cost."""
     lines = [f"online error per domain ({record['mode']})"]
     for d, e in zip(record["domains"], record["online_error"], strict=True):
@@ -511,7 +511,7 @@ def format_test_time_summary(record: dict[str, Any]) -> str:
 def format_summary(record: dict[str, Any]) -> str:
     """The accuracy matrix and the headline metrics as text."""
     if record["kind"] == "test_time":
-        return format_test_time_summary(record)
+        return format_tta_summary(record)
     a = record["accuracy_matrix"]
     n = len(a[0])
     lines = ["accuracy matrix R[t][i] (rows: after experience t, columns: test experience i)"]

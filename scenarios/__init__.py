@@ -1,3 +1,3 @@
 """Built-in scenarios (importable as ``clbench.scenarios``); importing registers them."""
 
-from clbench.scenarios import digits, test_time  # noqa: F401
+from clbench.scenarios import digits, tta  # noqa: F401

@@ -93,7 +93,7 @@ def _dataset(x: torch.Tensor, y: torch.Tensor) -> Any:
     return _as_taskaware_supervised_classification_dataset(LabelledTensors(x, y))
 
 
-def test_time_benchmark(
+def tta_benchmark(
     domains: Sequence[tuple[torch.Tensor, torch.Tensor] | Any],
     source: tuple[torch.Tensor, torch.Tensor] | None = None,
     clean: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -7,5 +7,5 @@ from clbench.strategies import (  # noqa: F401
     lora,
     prompts,
     rank,
-    test_time,
+    tta,
 )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from clbench.scenarios.base import LabelledTensors
-from clbench.strategies.test_time import EATA, PSMT, CoTTA, EcoTTA, Tent
+from clbench.strategies.tta import EATA, PSMT, CoTTA, EcoTTA, Tent
 from torch import nn
 
 from clbench.adapters.tta import (
@@ -268,7 +268,7 @@ def test_ecotta_trains_only_the_meta_networks_and_needs_a_wideresnet():
 
 def test_ecotta_partitions_wrn28_as_the_paper():
     wrn = WideResNet(depth=28, widen_factor=1)
-    from clbench.strategies.test_time import attach_meta_parts
+    from clbench.strategies.tta import attach_meta_parts
 
     parts = attach_meta_parts(wrn, [True, True, False])
     assert [len(p.part) for p in parts] == [2, 2, 2, 2, 4]

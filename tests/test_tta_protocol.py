@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from clbench.scenarios.corruptions import CORRUPTIONS
-from clbench.scenarios.test_time import CifarCConfig, DigitsCConfig, ImageNetCConfig
+from clbench.scenarios.tta import CifarCConfig, DigitsCConfig, ImageNetCConfig
 from PIL import Image
 
 from clbench.backbones.wideresnet import WideResNet, WideResNetConfig, wideresnet
 from clbench.errors import ClbenchError, ConfigError
 from clbench.leaderboard import build_boards, read_runs
 from clbench.pretrain.source import source_classifier
-from clbench.protocols.test_time import run_test_time
+from clbench.protocols.tta import run_tta
 from clbench.registry import SCENARIOS
 from helpers import only_run_dir, results_of, run_cli
 
@@ -63,7 +63,7 @@ def small_stream():
 @pytest.mark.parametrize("mode,resets", [("continual", 1), ("reset_each_shift", 3)])
 def test_online_protocol_scores_each_prediction_and_resets_per_mode(small_stream, mode, resets):
     st = Recorder()
-    result = run_test_time(small_stream, st, seed=0, mode=mode, batch_size=32)
+    result = run_tta(small_stream, st, seed=0, mode=mode, batch_size=32)
     assert st.resets == resets
     assert result.domain_sizes == [100, 100, 100] and result.steps == 3 * 4
     assert [len(b) for b in st.batches[:4]] == [32, 32, 32, 4]
@@ -79,7 +79,7 @@ def test_samples_are_shuffled_within_a_domain_by_the_seed(small_stream):
     runs = []
     for seed in (0, 0, 1):
         st = Recorder()
-        run_test_time(small_stream, st, seed=seed, batch_size=100)
+        run_tta(small_stream, st, seed=seed, batch_size=100)
         runs.append(st.batches)  # the three domains, one batch each
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
     assert not torch.equal(runs[0][0], runs[2][0])
@@ -154,7 +154,7 @@ def test_imagenet_c_scenario_reads_the_folder_layout_lazily(tmp_path):
     x, y, _ = s.test_stream[0].dataset[1]
     assert x.shape == (3, 224, 224) and y == 1
     st = Recorder()
-    result = run_test_time(s, st, seed=0)
+    result = run_tta(s, st, seed=0)
     assert result.online_error == [0.5]
 
 

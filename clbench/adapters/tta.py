@@ -2,7 +2,7 @@
 
 Normalisation handling, the entropy losses, teacher EMA, stochastic restore, the
 diagonal Fisher, exact source snapshots, CoTTA's augmentation and a meter for the
-memory an adaptation step keeps for backward. Strategies in ``clbench.strategies.test_time``
+memory an adaptation step keeps for backward. Strategies in ``clbench.strategies.tta``
 compose these; nothing here knows about a strategy.
 
 Normalisation on the two backbone families:

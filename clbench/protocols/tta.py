@@ -25,7 +25,7 @@ from clbench.scenarios.base import Scenario
 
 
 @dataclass
-class TestTimeResult:
+class TTAResult:
     """Online errors per domain and what the adaptation cost."""
 
     mode: str
@@ -82,20 +82,20 @@ def clean_accuracy(strategy: Any, data: Dataset, batch_size: int, in_memory: boo
     return hits / max(n, 1)
 
 
-def run_test_time(
+def run_tta(
     scenario: Scenario,
     strategy: Any,
     seed: int,
     mode: str | None = None,
     batch_size: int | None = None,
     on_domain: Callable[[int, str, float], None] | None = None,
-) -> TestTimeResult:
+) -> TTAResult:
     """Adapt online along the scenario's domains; returns the scored result."""
     mode = mode or scenario.meta["mode"]
     batch_size = batch_size or int(scenario.meta["batch_size"])
     stream = list(scenario.test_stream)
     domains = list(scenario.meta["domains"])
-    result = TestTimeResult(
+    result = TTAResult(
         mode=mode, domains=domains, domain_sizes=[len(e.dataset) for e in stream]
     )
     clean = None

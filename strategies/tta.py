@@ -44,14 +44,14 @@ FLIPS = ("auto", "true", "false")
 
 
 @dataclass
-class TestTimeConfig:
+class TTAConfig:
     """Options every test-time strategy has (schema of conf/strategy/NAME.yaml)."""
 
     name: str = "???"
 
 
 @dataclass
-class OptimizedConfig(TestTimeConfig):
+class OptimizedConfig(TTAConfig):
     """Options of the strategies that take gradient steps at test time."""
 
     optimizer: str = "adam"
@@ -86,10 +86,10 @@ def _source_batches(source: Dataset, batch_size: int, limit: int) -> list[torch.
     return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
 
 
-class TestTimeStrategy:
+class TTAStrategy:
     """Base: the source model, unchanged (subclasses adapt)."""
 
-    Config: ClassVar[type[TestTimeConfig]] = TestTimeConfig
+    Config: ClassVar[type[TTAConfig]] = TTAConfig
     protocols: ClassVar[tuple[str, ...]] = ("test_time",)
     uses_task_id: ClassVar[bool] = False
 
@@ -97,7 +97,7 @@ class TestTimeStrategy:
         self,
         *,
         model: nn.Module,
-        cfg: TestTimeConfig,
+        cfg: TTAConfig,
         seed: int = 0,
         device: torch.device | str = "cpu",
         scenario_meta: dict[str, Any] | None = None,
@@ -187,12 +187,12 @@ class TestTimeStrategy:
 
 
 @STRATEGIES.register("source")
-class Source(TestTimeStrategy):
+class Source(TTAStrategy):
     """No adaptation: the source model with its training-time normalisation statistics."""
 
 
 @STRATEGIES.register("bn_adapt")
-class BNAdapt(TestTimeStrategy):
+class BNAdapt(TTAStrategy):
     """BatchNorm with test-batch statistics, no gradient (Schneider et al. 2020)."""
 
     def configure(self) -> None:
@@ -210,7 +210,7 @@ class TentConfig(OptimizedConfig):
     name: str = "tent"
 
 
-class NormAffine(TestTimeStrategy):
+class NormAffine(TTAStrategy):
     """Base of Tent and EATA: BN on batch statistics, only normalisation affines train."""
 
     def configure(self) -> None:
@@ -261,7 +261,7 @@ class CoTTAConfig(OptimizedConfig):
         check_choice("strategy.flip", str(self.flip).lower(), FLIPS)
 
 
-class MeanTeacher(TestTimeStrategy):
+class MeanTeacher(TTAStrategy):
     """A student trained on every parameter, an EMA teacher, the frozen source weights."""
 
     def configure(self) -> None:
@@ -354,7 +354,7 @@ class EATAConfig(OptimizedConfig):
         check_positive("strategy.fisher_size", self.fisher_size)
 
 
-class FisherAnchored(TestTimeStrategy):
+class FisherAnchored(TTAStrategy):
     """Shared by EATA and PSMT: a diagonal Fisher on clean samples and its penalty."""
 
     fisher: dict[str, torch.Tensor]
@@ -594,7 +594,7 @@ class EcoTTAConfig(OptimizedConfig):
 
 
 @STRATEGIES.register("ecotta")
-class EcoTTA(TestTimeStrategy):
+class EcoTTA(TTAStrategy):
     """Frozen encoder + light meta networks, filtered entropy + self-distillation (EcoTTA)."""
 
     Config = EcoTTAConfig

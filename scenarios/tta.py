@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from clbench.scenarios.base import Scenario, test_time_benchmark
+from clbench.scenarios.base import Scenario, tta_benchmark
 from clbench.scenarios.corrupted_data import (
     generate_cifar_c,
     imagenet_c_samples,
@@ -120,7 +120,7 @@ def _scenario(
     return Scenario(
         name=cfg.stream_name(base),
         kind="test_time",
-        benchmark=test_time_benchmark(domains, source=source, clean=clean),
+        benchmark=tta_benchmark(domains, source=source, clean=clean),
         class_names=class_names,
         input_shape=input_shape,
         in_memory=in_memory,
