@@ -22,6 +22,7 @@ from torch import nn
 from clbench.adapters.tta import SavedTensorMeter, state_bytes
 from clbench.backbones.wideresnet import WideResNet
 from clbench.models import ClassifierModel
+from clbench.protocols.tta import DomainStream
 from clbench.registry import STRATEGIES
 
 SETTINGS = {
@@ -63,7 +64,7 @@ def main() -> None:
             model=model(args.depth, args.widen),
             cfg=cls.Config(name=name, **overrides),
             seed=0,
-            scenario_meta={"batch_size": args.batch, "value_range": (0.0, 1.0)},
+            stream=DomainStream(domains=(), batch_size=args.batch, value_range=(0.0, 1.0)),
         )
         st.setup(source)
         st.reset()

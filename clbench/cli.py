@@ -19,7 +19,7 @@ USAGE = """usage: clbench COMMAND [ARGS]
 
 commands:
   run [-m] [KEY=VALUE ...]   train and evaluate a strategy on a scenario (Hydra overrides)
-  list                       registered strategies, scenarios and backbones
+  list                       registered strategies, scenarios, backbones and scenario kinds
   pretrain [--seed N] [--steps N] [--force]
                              make the embedded micro ViT's offline source checkpoint
   resume RUN_DIR             continue a killed run from its last finished experience
@@ -133,16 +133,20 @@ def cmd_run(args: list[str]) -> int:
 
 
 def cmd_list(args: list[str]) -> int:
-    from clbench.registry import REGISTRIES
+    """Every registered component, read without importing any (see clbench.registry)."""
+    from clbench.registry import PROTOCOLS, REGISTRIES
 
     for kind, reg in REGISTRIES.items():
         for e in reg:
             extra = ""
-            protocols = getattr(e.obj, "protocols", None)
-            if kind == "strategy" and protocols:
-                extra = f" [{', '.join(protocols)}]"
+            if kind == "strategy":
+                scenario_kind = e.scenario_kind
+                extra = f" [{scenario_kind}]" if scenario_kind else ""
             src = "" if e.source == "builtin" else f" (from {e.source})"
             print(f"{kind:<9} {e.name:<16} {e.summary}{extra}{src}")
+    for e in PROTOCOLS:  # one protocol per scenario kind
+        src = "" if e.source == "builtin" else f" (from {e.source})"
+        print(f"{'kind':<9} {e.name:<16} {e.summary}{src}")
     return 0
 
 

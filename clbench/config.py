@@ -10,14 +10,16 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from clbench.errors import ConfigError, unknown_choice
+from clbench.errors import ClbenchError, ConfigError, unknown_choice
 from clbench.registry import REGISTRIES
+
+if TYPE_CHECKING:
+    import torch
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 if not (CONF_DIR / "config.yaml").is_file():  # installed wheel: conf/ is package data
@@ -32,28 +34,64 @@ MAX_VALIDATED_COMBINATIONS = 64
 
 def group_options(group: str) -> list[str]:
     """Options of a config group: YAML files in conf/GROUP plus registered components."""
-    names = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    names = _yaml_names(group)
     if group in REGISTRIES:
-        names |= set(REGISTRIES[group].names())
+        names |= set(REGISTRIES[group].names())  # names only: imports no component
     return sorted(names)
 
 
+def _yaml_names(group: str) -> set[str]:
+    return {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+
+
+#: (group, name) of the config nodes already stored in Hydra's ConfigStore
+_STORED: set[tuple[str, str]] = set()
+
+
 def register_plugin_configs() -> None:
-    """Give third-party components without a YAML file a config node built from their schema."""
+    """Give third-party components without a YAML file a config node built from their schema.
+
+    Only plugin components without a YAML in conf/GROUP are imported (the check is by
+    name, before loading); a plugin that cannot be imported is skipped here and is a
+    one-line error if a run names it (:func:`compose`). Built-ins are not imported: the
+    node of one without a YAML of its name (``backbone=wideresnet``) is made when an
+    override selects it (:func:`compose`).
+    """
+    for group in COMPONENT_GROUPS:
+        have_yaml = _yaml_names(group)
+        for entry in REGISTRIES[group]:
+            if entry.name in have_yaml or not entry.is_plugin:
+                continue
+            try:
+                _store_config_node(group, entry.name)
+            except ConfigError:
+                raise
+            except ClbenchError:  # cannot be imported: an error if a run names it
+                continue
+
+
+def _store_config_node(group: str, name: str) -> None:
+    """Store the config node of component ``name`` (which has no YAML) in Hydra's store."""
+    if (group, name) in _STORED:
+        return
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    for group in COMPONENT_GROUPS:
-        have_yaml = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
-        for entry in REGISTRIES[group]:
-            if entry.name in have_yaml:
-                continue
-            schema = getattr(entry.obj, "Config", None)
-            if schema is None:
-                raise ConfigError(f"{group} {entry.name!r} ({entry.source}) has no Config schema")
-            node = OmegaConf.structured(schema)
-            node.name = entry.name
-            cs.store(group=group, name=entry.name, node=node)
+    entry = REGISTRIES[group].entry(name)
+    schema = getattr(entry.load(), "Config", None)
+    if schema is None:
+        raise ConfigError(f"{group} {entry.name!r} ({entry.source}) has no Config schema")
+    node = OmegaConf.structured(schema)
+    node.name = entry.name
+    ConfigStore.instance().store(group=group, name=entry.name, node=node)
+    _STORED.add((group, name))
+
+
+def _store_selected_nodes(overrides: Sequence[str]) -> None:
+    """Config nodes for the components without a YAML that the overrides select."""
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key in COMPONENT_GROUPS and value not in _yaml_names(key) and value in REGISTRIES[key]:
+            _store_config_node(key, value)
 
 
 def typed(group: str, node: DictConfig) -> Any:
@@ -127,6 +165,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA if present) -> a torch device."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     choices = "valid choices: cpu, cuda, cuda:N, auto"
@@ -174,6 +214,7 @@ def compose(overrides: Sequence[str]) -> DictConfig:
     from hydra.errors import HydraException
 
     _check_group_choices(overrides)
+    _store_selected_nodes(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

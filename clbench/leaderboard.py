@@ -8,8 +8,12 @@ scenario's groups by the scenario kind's primary metric, and writes
 - ``<out>/<scenario>.json``: the board as data, with provenance (run ids and names, git
   commits, clbench versions, hardware);
 - ``<out>/<scenario>.md``: the same as a Markdown table and a provenance list;
-- ``<out>/index.html``: every board with two inline SVG plots (accuracy on the seen
-  experiences after each experience, per strategy; the primary metric with error bars).
+- ``<out>/index.html``: every board with two inline SVG plots (the kind's per-step curve,
+  per strategy; the primary metric with error bars).
+
+What a board ranks by, its columns and its curve come from the scenario kind's
+:class:`~clbench.protocols.base.BoardSpec` (its protocol's ``board``); this module
+knows no kind.
 
 The output is a pure function of the runs (sorted keys, fixed float formatting, no
 timestamps), so publishing the same runs twice gives byte-identical files. Every string
@@ -31,48 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from clbench.errors import ClbenchError
-
-#: scenario kind -> (primary metric, higher is better, label)
-PRIMARY: dict[str, tuple[str, bool, str]] = {
-    "class_incremental": ("final_accuracy", True, "final accuracy"),
-    "test_time": ("mean_online_error", False, "mean online error"),
-    "forgetting": ("H", True, "H"),
-}
-#: metrics shown beside the primary one, per kind: (key in record["metrics"], label)
-SECONDARY: dict[str, list[tuple[str, str]]] = {
-    "class_incremental": [
-        ("average_incremental_accuracy", "avg incr acc"),
-        ("forgetting", "forgetting"),
-        ("task_aware/final_accuracy", "TA final acc"),
-    ],
-    "test_time": [("clean_accuracy_after", "clean acc after")],
-}
-#: cost columns per kind: (key in record["efficiency"], label, how to aggregate)
-COSTS: dict[str, list[tuple[str, str, str]]] = {
-    "class_incremental": [
-        ("trainable_params", "trainable params", "max"),
-        ("seconds_per_step", "s/step", "mean"),
-        ("passes_per_prediction", "passes/pred", "mean"),
-    ],
-    "test_time": [
-        ("trainable_params", "trainable params", "max"),
-        ("images_per_second", "images/s", "mean"),
-        ("adapt_memory_mb", "adapt memory MiB", "mean"),
-    ],
-}
-#: the per-step curve drawn per kind: (key in record["steps"], plot title)
-CURVES: dict[str, tuple[str, str]] = {
-    "class_incremental": ("accuracy_seen", "Accuracy on the seen experiences"),
-    "test_time": ("online_error", "Online error per domain"),
-}
+from clbench.protocols.base import BoardSpec, Column, protocol_for
+from clbench.record import RunRecord
 
 
-def cost_columns(kind: str) -> list[tuple[str, str, str]]:
-    return COSTS.get(kind, COSTS["class_incremental"])
-
-
-def curve_spec(kind: str) -> tuple[str, str]:
-    return CURVES.get(kind, CURVES["class_incremental"])
+def board_spec(kind: str) -> BoardSpec:
+    """The board specification of scenario kind ``kind`` (from its protocol)."""
+    return protocol_for(kind).board
 
 
 # ------------------------------------------------------------------------ reading
@@ -82,7 +51,7 @@ class TrackedRun:
 
     run_id: str
     start_time: int
-    record: dict[str, Any]
+    record: RunRecord
 
 
 def read_runs(uri: str | None, experiment: str) -> list[TrackedRun]:
@@ -126,7 +95,8 @@ def read_runs(uri: str | None, experiment: str) -> list[TrackedRun]:
                     path = client.download_artifacts(rid, "results.json", f"{tmp}/{rid}")
                 except Exception:  # a run not made by clbench (no record): not a board entry
                     continue
-                record = json.loads(Path(path).read_text())
+                text = Path(path).read_text()
+                record = RunRecord.loads(text, f"results.json of MLflow run {rid}")
                 out.append(TrackedRun(rid, int(run.info.start_time or 0), record))
     return out
 
@@ -149,12 +119,12 @@ def latest_per_seed(runs: Iterable[TrackedRun]) -> dict[tuple[str, str, str], li
     groups: dict[tuple[str, str, str], dict[int, TrackedRun]] = defaultdict(dict)
     for run in sorted(runs, key=lambda r: (r.start_time, r.run_id)):
         rec = run.record
-        groups[(rec["scenario"], rec["strategy"], rec["backbone"])][int(rec["seed"])] = run
+        groups[(rec.scenario, rec.strategy, rec.backbone)][rec.seed] = run
     return {k: [v[s] for s in sorted(v)] for k, v in groups.items()}
 
 
 def _curve(runs: Sequence[TrackedRun], key: str) -> list[float | None]:
-    steps = [[s.get(key) for s in r.record.get("steps", [])] for r in runs]
+    steps = [[s.get(key) for s in r.record.steps] for r in runs]
     length = min((len(s) for s in steps), default=0)
     return [_mean_std([s[i] for s in steps])["mean"] for i in range(length)]
 
@@ -163,36 +133,36 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
     """scenario -> board (kind, primary metric, ranked entries with provenance)."""
     by_scenario: dict[str, list[dict[str, Any]]] = defaultdict(list)
     kinds: dict[str, str] = {}
+    specs: dict[str, BoardSpec] = {}
     for (scenario, strategy, backbone), group in latest_per_seed(runs).items():
-        kind = group[0].record.get("kind", "class_incremental")
-        kinds[scenario] = kind
-        primary = PRIMARY.get(kind, PRIMARY["class_incremental"])[0]
-        keys = [primary] + [k for k, _ in SECONDARY.get(kind, [])]
-        metrics = {k: _mean_std([r.record["metrics"].get(k) for r in group]) for k in keys}
-        cost = {}
-        for key, _, how in cost_columns(kind):
-            values = [r.record.get("efficiency", {}).get(key) for r in group]
-            finite = [v for v in values if v is not None and math.isfinite(v)]
-            if how == "max":
-                cost[key] = _r(max(finite)) if finite else None
-            else:
-                cost[key] = _mean_std(finite)["mean"]
-        tags = [r.record.get("tags", {}) for r in group]
+        kind = group[0].record.kind
+        if kinds.setdefault(scenario, kind) != kind:
+            raise ClbenchError(
+                f"scenario {scenario!r} has runs of two kinds ({kinds[scenario]!r}, {kind!r}); "
+                "publish them from separate experiments"
+            )
+        if kind not in specs:
+            specs[kind] = board_spec(kind)
+        spec = specs[kind]
+        keys = [spec.primary.key] + [c.key for c in spec.secondary]
+        metrics = {k: _mean_std([r.record.metrics.get(k) for r in group]) for k in keys}
+        cost = {
+            c.key: _aggregate(c, [r.record.efficiency.get(c.key) for r in group])
+            for c in spec.costs
+        }
+        tags = [r.record.tags for r in group]
         by_scenario[scenario].append(
             {
                 "strategy": strategy,
                 "backbone": backbone,
                 "n": len(group),
-                "seeds": [int(r.record["seed"]) for r in group],
-                "uses_task_id": any(bool(r.record.get("uses_task_id")) for r in group),
+                "seeds": [r.record.seed for r in group],
+                "uses_task_id": any(r.record.uses_task_id for r in group),
                 "metrics": metrics,
                 "cost": cost,
-                "curve": _curve(group, curve_spec(kind)[0]),
+                "curve": _curve(group, spec.curve),
                 "provenance": {
-                    "runs": [
-                        {"run_id": r.run_id, "run_name": str(r.record.get("run_name", ""))}
-                        for r in group
-                    ],
+                    "runs": [{"run_id": r.run_id, "run_name": r.record.run_name} for r in group],
                     "git_commits": sorted({str(t.get("git_commit", "")) for t in tags}),
                     "clbench_versions": sorted({str(t.get("clbench_version", "")) for t in tags}),
                     "hardware": sorted({str(t.get("hardware", "")) for t in tags}),
@@ -202,7 +172,8 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
     boards = {}
     for scenario, entries in by_scenario.items():
         kind = kinds[scenario]
-        primary, higher, label = PRIMARY.get(kind, PRIMARY["class_incremental"])
+        spec = specs[kind]
+        primary, higher = spec.primary.key, spec.higher_is_better
 
         def order(e: dict[str, Any], primary: str = primary, higher: bool = higher) -> tuple:
             m = e["metrics"][primary]["mean"]
@@ -217,12 +188,20 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
             "scenario": scenario,
             "kind": kind,
             "primary_metric": primary,
-            "primary_label": label,
+            "primary_label": spec.primary.label,
             "higher_is_better": higher,
-            "secondary_metrics": [k for k, _ in SECONDARY.get(kind, [])],
+            "secondary_metrics": [c.key for c in spec.secondary],
             "entries": ranked,
         }
     return boards
+
+
+def _aggregate(column: Column, values: Sequence[Any]) -> float | None:
+    """A cost over seeds: the max or the mean of the finite values."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if column.aggregate == "max":
+        return _r(max(finite)) if finite else None
+    return _mean_std(finite)["mean"]
 
 
 # ------------------------------------------------------------------------ writing
@@ -240,27 +219,16 @@ def _fmt(stat: Mapping[str, Any] | None) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
-def _fmt_cost(key: str, v: float | None) -> str:
-    if v is None:
-        return "n/a"
-    if key == "trainable_params":
-        return f"{int(v):,}"
-    if key == "seconds_per_step":
-        return f"{v * 1000:.1f} ms"
-    if key == "images_per_second":
-        return f"{v:.0f}"
-    return f"{v:.2f}"
-
-
 def _labels(board: Mapping[str, Any]) -> list[str]:
-    sec = dict(SECONDARY.get(board["kind"], []))
-    return [board["primary_label"]] + [sec[k] for k in board["secondary_metrics"]]
+    spec = board_spec(board["kind"])
+    return [spec.primary.label] + [c.label for c in spec.secondary]
 
 
 def _cells(board: Mapping[str, Any], e: Mapping[str, Any]) -> list[str]:
+    spec = board_spec(board["kind"])
     keys = [board["primary_metric"], *board["secondary_metrics"]]
     cells = [_fmt(e["metrics"].get(k)) for k in keys]
-    cells += [_fmt_cost(k, e["cost"].get(k)) for k, _, _ in cost_columns(board["kind"])]
+    cells += [c.show(e["cost"].get(c.key)) for c in spec.costs]
     return cells
 
 
@@ -296,8 +264,8 @@ def _provenance(e: Mapping[str, Any], esc: Callable[[Any], str], code: str) -> s
 
 def render_markdown(board: Mapping[str, Any]) -> str:
     arrow = "higher is better" if board["higher_is_better"] else "lower is better"
-    costs = cost_columns(board["kind"])
-    head = ["rank", "strategy", "backbone", *_labels(board), *(c[1] for c in costs), "n"]
+    costs = board_spec(board["kind"]).costs
+    head = ["rank", "strategy", "backbone", *_labels(board), *(c.label for c in costs), "n"]
     lines = [
         f"# Leaderboard: {md_escape(board['scenario'])}",
         "",
@@ -323,8 +291,10 @@ PALETTE += ["#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#
 
 
 def _svg_curves(board: Mapping[str, Any]) -> str:
-    """Accuracy on the seen experiences after each experience, one line per entry."""
-    w, h, left, bottom, top, right = 560, 300, 50, 40, 20, 170
+    """The kind's per-step curve (e.g. accuracy on the seen classes after each experience,
+    online error per domain), one line per entry, axes labelled by the kind's BoardSpec."""
+    spec = board_spec(board["kind"])
+    w, h, left, bottom, top, right = 560, 300, 56, 40, 20, 170
     entries = [e for e in board["entries"] if any(v is not None for v in e["curve"])]
     steps = max((len(e["curve"]) for e in entries), default=0)
     if steps == 0:
@@ -339,7 +309,7 @@ def _svg_curves(board: Mapping[str, Any]) -> str:
 
     parts = [
         f'<svg class="curves" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-        f'role="img" aria-label="{html.escape(curve_spec(board["kind"])[1].lower())}">',
+        f'role="img" aria-label="{html.escape(spec.curve_title.lower())}">',
         f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>',
     ]
@@ -354,8 +324,12 @@ def _svg_curves(board: Mapping[str, Any]) -> str:
             f"{i + 1}</text>"
         )
     parts.append(
-        f'<text x="{left + pw / 2:.1f}" y="{h - 6}" font-size="12" text-anchor="middle">'
-        "after experience</text>"
+        f'<text class="x-label" x="{left + pw / 2:.1f}" y="{h - 6}" font-size="12" '
+        f'text-anchor="middle">{html.escape(spec.curve_x)}</text>'
+    )
+    parts.append(
+        f'<text class="y-label" transform="translate(14,{top + ph / 2:.1f}) rotate(-90)" '
+        f'font-size="12" text-anchor="middle">{html.escape(spec.curve_y)}</text>'
     )
     for k, e in enumerate(entries):
         color = PALETTE[k % len(PALETTE)]
@@ -382,7 +356,7 @@ def _svg_bars(board: Mapping[str, Any]) -> str:
     entries = [e for e in board["entries"] if e["metrics"][primary]["mean"] is not None]
     if not entries:
         return ""
-    left, right, top, bottom, bar = 150, 30, 20, 30, 18
+    left, right, top, bottom, bar = 150, 30, 20, 44, 18
     w = 560
     h = top + bottom + (bar + 8) * len(entries)
     pw = w - left - right
@@ -424,6 +398,11 @@ def _svg_bars(board: Mapping[str, Any]) -> str:
             f'<text x="{x(v):.1f}" y="{axis + 14}" font-size="11" text-anchor="middle">'
             f"{v:.2f}</text>"
         )
+    arrow = "higher is better" if board["higher_is_better"] else "lower is better"
+    parts.append(
+        f'<text class="x-label" x="{left + pw / 2:.1f}" y="{axis + 32}" font-size="12" '
+        f'text-anchor="middle">{html.escape(board["primary_label"])} ({arrow})</text>'
+    )
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -452,8 +431,8 @@ def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
         out.append(f'<section class="board" id="{esc(scenario)}">')
         out.append(f"<h2>{esc(scenario)}</h2>")
         out.append(f"<p>Kind: {esc(b['kind'])}. Ranked by {esc(b['primary_label'])} ({arrow}).</p>")
-        costs = cost_columns(b["kind"])
-        head = ["rank", "strategy", "backbone", *_labels(b), *(c[1] for c in costs), "n"]
+        costs = board_spec(b["kind"]).costs
+        head = ["rank", "strategy", "backbone", *_labels(b), *(c.label for c in costs), "n"]
         out.append("<table><thead><tr>")
         out.append(
             "".join(
@@ -476,9 +455,10 @@ def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
         out.append("</tbody></table>")
         if _has_task_id(b):
             out.append(f"<p>{esc(TASK_ID_NOTE)}</p>")
-        out.append(f"<h3>{html.escape(curve_spec(b['kind'])[1])}</h3>")
+        spec = board_spec(b["kind"])
+        out.append(f'<h3 class="plot-title">{esc(spec.curve_title)}</h3>')
         out.append(_svg_curves(b))
-        out.append(f"<h3>{esc(b['primary_label'])} (± 1 std)</h3>")
+        out.append(f'<h3 class="plot-title">{esc(b["primary_label"])} (± 1 std)</h3>')
         out.append(_svg_bars(b))
         out.append("<details><summary>Provenance</summary><ul>")
         out += [f"<li>{_provenance(e, esc_any, '<code>{}</code>')}</li>" for e in b["entries"]]

@@ -7,13 +7,17 @@ failure never loses the run: it is reported in one line and the directory stays.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clbench.record import RunRecord
 
 MAX_PARAM_LEN = 6000
 
@@ -67,8 +71,16 @@ def prepare_local_store(uri: str | None, experiment: str) -> None:
         return
 
 
-def log_run(record: Mapping[str, Any], run_dir: Path, uri: str | None, experiment: str) -> str:
-    """Log a run record (see clbench.runner) to MLflow; returns the MLflow run id."""
+#: run-directory files never uploaded: checkpoints (learner state, for resume only)
+PRIVATE_PREFIXES = ("checkpoint", ".checkpoint")
+
+
+def log_run(record: RunRecord, run_dir: Path, uri: str | None, experiment: str) -> str:
+    """Log a run record to MLflow with the run directory's files; returns the run id.
+
+    The results.json artifact is the record as a run logs it (without a tracking status);
+    checkpoints are never uploaded.
+    """
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -76,16 +88,24 @@ def log_run(record: Mapping[str, Any], run_dir: Path, uri: str | None, experimen
         if uri:
             mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=record["run_name"], tags=record["tags"]) as run:
-            params = flatten(record["config"])
+        with mlflow.start_run(run_name=record.run_name, tags=record.tags) as run:
+            params = flatten(record.config)
             items = sorted(params.items())
             for i in range(0, len(items), 100):
                 mlflow.log_params(dict(items[i : i + 100]))
-            for step, values in enumerate(record["steps"]):
+            for step, values in enumerate(record.steps):
                 mlflow.log_metrics(_finite(values), step=step)
-            mlflow.log_metrics(_finite(record["metrics"]))
-            mlflow.log_metrics(_finite(record["efficiency"]))
-            mlflow.log_artifacts(str(run_dir))
+            mlflow.log_metrics(_finite(record.metrics))
+            mlflow.log_metrics(_finite(record.efficiency))
+            for path in sorted(run_dir.iterdir()):
+                if path.name == "results.json" or path.name.startswith(PRIVATE_PREFIXES):
+                    continue
+                if path.is_dir():
+                    mlflow.log_artifacts(str(path), artifact_path=path.name)
+                elif path.is_file():
+                    mlflow.log_artifact(str(path))
+            tracked = dataclasses.replace(record, tracking=None)
+            mlflow.log_text(tracked.dumps(), "results.json")
             return run.info.run_id
 
 

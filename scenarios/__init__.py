@@ -1,3 +1,14 @@
-"""Built-in scenarios (importable as ``clbench.scenarios``); importing registers them."""
+"""Built-in scenarios (importable as ``clbench.scenarios``).
 
-from clbench.scenarios import digits, tta  # noqa: F401
+``BUILTINS`` is the one table of them: registered name -> ``"module:builder"``, the form
+of an entry point. Importing this package imports no scenario; the registry imports a
+scenario's module when that scenario is built (``clbench.registry.SCENARIOS``).
+"""
+
+BUILTINS: dict[str, str] = {
+    "split_digits": "clbench.scenarios.digits:split_digits",
+    "digits_c": "clbench.scenarios.tta:digits_c",
+    "cifar10_c": "clbench.scenarios.tta:cifar10_c",
+    "cifar100_c": "clbench.scenarios.tta:cifar100_c",
+    "imagenet_c": "clbench.scenarios.tta:imagenet_c",
+}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,20 +15,23 @@ from avalanche.benchmarks.utils.classification_dataset import (
 )
 from torch.utils.data import TensorDataset
 
-PROTOCOL_KINDS = ("class_incremental", "test_time", "forgetting", "mil")
-
 
 @dataclass
 class Scenario:
-    """A built scenario: the Avalanche benchmark and its metadata."""
+    """A built scenario: the Avalanche benchmark and what its protocol needs.
+
+    ``kind`` names the protocol that runs it (a key of ``clbench.registry.PROTOCOLS``);
+    ``stream`` holds that protocol's typed inputs where it needs more than the benchmark
+    (e.g. :class:`clbench.protocols.tta.DomainStream`: domains, reset mode, batch size).
+    """
 
     name: str
-    kind: str  # one of PROTOCOL_KINDS: which protocol loop runs it
+    kind: str
     benchmark: CLScenario
     class_names: list[str]
-    input_shape: tuple[int, ...]  # (C, H, W) of one model input
+    input_shape: tuple[int, ...]  # the shape of one model input, e.g. (C, H, W)
     in_memory: bool = True  # samples are stored tensors with no random transforms
-    meta: dict[str, Any] = field(default_factory=dict)
+    stream: Any = None
 
     @property
     def train_stream(self) -> Any:
@@ -40,10 +43,9 @@ class Scenario:
 
     @property
     def num_experiences(self) -> int:
-        """Training experiences; for test-time scenarios, the domains of the test stream."""
-        if self.kind == "test_time":
-            return len(self.benchmark.test_stream)
-        return len(self.benchmark.train_stream)
+        """Training experiences; without a training stream (test-time), test experiences."""
+        streams = self.benchmark.streams
+        return len(streams["train"] if "train" in streams else streams["test"])
 
     @property
     def classes_per_experience(self) -> list[list[int]]:

@@ -13,7 +13,6 @@ from sklearn.model_selection import train_test_split
 from clbench.checks import check_positive, check_range
 from clbench.errors import ConfigError
 from clbench.lowres import CHANNELS, INPUT_SIZE, to_model_input
-from clbench.registry import SCENARIOS
 
 
 @dataclass
@@ -35,7 +34,6 @@ class SplitDigitsConfig:
         check_range("scenario.test_fraction", self.test_fraction, 0.05, 0.95)
 
 
-@SCENARIOS.register("split_digits")
 def split_digits(cfg: SplitDigitsConfig) -> Scenario:
     """Class-incremental split of sklearn's 8x8 handwritten digits (1797 images, 10 classes)."""
     digits = load_digits()
@@ -59,7 +57,6 @@ def split_digits(cfg: SplitDigitsConfig) -> Scenario:
         benchmark=benchmark,
         class_names=[str(c) for c in order],
         input_shape=(CHANNELS, INPUT_SIZE, INPUT_SIZE),
-        meta={"class_order": order, "n_train": len(idx_train), "n_test": len(idx_test)},
     )
 
 

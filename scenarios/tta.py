@@ -40,9 +40,7 @@ from torch.utils.data import Dataset
 from clbench.checks import check_choice, check_positive, check_range
 from clbench.errors import ConfigError
 from clbench.lowres import CHANNELS, INPUT_SIZE, to_model_input
-from clbench.registry import SCENARIOS
-
-MODES = ("continual", "reset_each_shift")
+from clbench.protocols.tta import MODES, DomainStream, SourceRecipe, TestTimeAdaptation
 
 
 @dataclass
@@ -108,7 +106,7 @@ def _scenario(
     flip_preserves_label: bool,
     source: Domain | None = None,
     clean: Domain | None = None,
-    meta: dict[str, Any] | None = None,
+    recipe: SourceRecipe | None = None,
     in_memory: bool = True,
 ) -> Scenario:
     plan = cfg.plan()
@@ -119,19 +117,19 @@ def _scenario(
         domains, names = [(x, y)], ["mixed"]
     return Scenario(
         name=cfg.stream_name(base),
-        kind="test_time",
+        kind=TestTimeAdaptation.kind,
         benchmark=tta_benchmark(domains, source=source, clean=clean),
         class_names=class_names,
         input_shape=input_shape,
         in_memory=in_memory,
-        meta={
-            "domains": names,
-            "mode": cfg.mode,
-            "batch_size": cfg.batch_size,
-            "value_range": value_range,
-            "flip_preserves_label": flip_preserves_label,
-            **(meta or {}),
-        },
+        stream=DomainStream(
+            domains=tuple(names),
+            mode=cfg.mode,
+            batch_size=cfg.batch_size,
+            value_range=value_range,
+            flip_preserves_label=flip_preserves_label,
+            source=recipe,
+        ),
     )
 
 
@@ -166,7 +164,6 @@ def from_uint8(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(img).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
 
 
-@SCENARIOS.register("digits_c")
 def digits_c(cfg: DigitsCConfig) -> Scenario:
     """The digits test split under 15 corruptions (continual test-time adaptation, offline)."""
     digits = load_digits()
@@ -194,14 +191,12 @@ def digits_c(cfg: DigitsCConfig) -> Scenario:
         flip_preserves_label=False,  # a mirrored 2 or 7 is not a 2 or 7
         source=(x[idx_train], labels[idx_train]),
         clean=(x[idx_test], labels[idx_test]),
-        meta={
-            "source_id": f"digits(test_fraction={cfg.test_fraction},split_seed={cfg.split_seed})",
-            "source_recipe": {
-                "epochs": cfg.source_epochs,
-                "lr": cfg.source_lr,
-                "seed": cfg.source_seed,
-            },
-        },
+        recipe=SourceRecipe(
+            data_id=f"digits(test_fraction={cfg.test_fraction},split_seed={cfg.split_seed})",
+            epochs=cfg.source_epochs,
+            lr=cfg.source_lr,
+            seed=cfg.source_seed,
+        ),
     )
 
 
@@ -260,11 +255,9 @@ def _cifar_c(cfg: CifarCConfig, dataset: str) -> Scenario:
         flip_preserves_label=True,
         source=clean,  # clean samples for EATA's Fisher (as EATA uses clean validation data)
         clean=clean,
-        meta={"source_id": f"{dataset}-test"},
     )
 
 
-@SCENARIOS.register("cifar10_c")
 def cifar10_c(cfg: CifarCConfig) -> Scenario:
     """CIFAR-10-C (released .npy files or generated from CIFAR-10) as a continual stream."""
     return _cifar_c(cfg, "cifar10")
@@ -275,7 +268,6 @@ class Cifar100CConfig(CifarCConfig):
     name: str = "cifar100_c"
 
 
-@SCENARIOS.register("cifar100_c")
 def cifar100_c(cfg: Cifar100CConfig) -> Scenario:
     """CIFAR-100-C (released .npy files or generated from CIFAR-100) as a continual stream."""
     return _cifar_c(cfg, "cifar100")
@@ -329,7 +321,6 @@ class ImageNetCConfig(CorruptedStreamConfig):
             )
 
 
-@SCENARIOS.register("imagenet_c")
 def imagenet_c(cfg: ImageNetCConfig) -> Scenario:
     """ImageNet-C from its folder layout, images read lazily (continual stream)."""
     datasets: list[Any] = []

@@ -1,11 +1,30 @@
-"""Built-in strategies (importable as ``clbench.strategies``); importing registers them."""
+"""Built-in strategies (importable as ``clbench.strategies``).
 
-from clbench.strategies import (  # noqa: F401
-    baselines,
-    experts,
-    inflora,
-    lora,
-    prompts,
-    rank,
-    tta,
-)
+``BUILTINS`` is the one table of them: registered name -> ``"module:class"``, the form
+of an entry point. Importing this package imports no strategy; the registry imports a
+strategy's module when that strategy is used (``clbench.registry.STRATEGIES``).
+"""
+
+BUILTINS: dict[str, str] = {
+    "finetune": "clbench.strategies.baselines:Finetune",
+    "linear_probe": "clbench.strategies.baselines:LinearProbe",
+    "joint": "clbench.strategies.baselines:Joint",
+    "mora": "clbench.strategies.experts:MoRA",
+    "moe_adapters": "clbench.strategies.experts:MoEAdapters",
+    "inflora": "clbench.strategies.inflora:InfLoRA",
+    "lora": "clbench.strategies.lora:SequentialLoRA",
+    "olora": "clbench.strategies.lora:OLoRA",
+    "sdlora": "clbench.strategies.lora:SDLoRA",
+    "l2p": "clbench.strategies.prompts:L2P",
+    "dualprompt": "clbench.strategies.prompts:DualPrompt",
+    "coda_prompt": "clbench.strategies.prompts:CodaPrompt",
+    "dyrank": "clbench.strategies.rank:DyRank",
+    "inc_rank": "clbench.strategies.rank:IncRank",
+    "source": "clbench.strategies.tta:Source",
+    "bn_adapt": "clbench.strategies.tta:BNAdapt",
+    "tent": "clbench.strategies.tta:Tent",
+    "cotta": "clbench.strategies.tta:CoTTA",
+    "eata": "clbench.strategies.tta:EATA",
+    "psmt": "clbench.strategies.tta:PSMT",
+    "ecotta": "clbench.strategies.tta:EcoTTA",
+}

@@ -4,7 +4,9 @@ A subclass sets ``Config`` (a dataclass: the schema of conf/strategy/NAME.yaml) 
 overrides :meth:`prepare_model` (freeze / inject adapters once) and, where the method
 needs it, the Avalanche hooks (``_before_training_exp``, ``_after_training_exp``,
 ``criterion``...). Avalanche plugins (replay, schedulers, EvaluationPlugin) compose
-with it; an Avalanche user can use it without clbench's CLI.
+with it; an Avalanche user can use it without clbench's CLI. What every strategy shares
+with the test-time ones (parameter counts, the optimizer factory, ``uses_task_id``) is
+:class:`~clbench.strategies.learner.Learner`'s.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
+from clbench.strategies.learner import OPTIMIZERS, Learner
 from torch import nn
 
 from clbench.checks import check_choice, check_positive, check_range
@@ -26,7 +29,6 @@ from clbench.data import TensorBatches, materialise
 from clbench.models import ClassifierModel
 from clbench.seeding import derived_generator
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSS_MASKS = ("seen", "current")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -65,15 +67,11 @@ class StrategyConfig:
         check_range("strategy.label_smoothing", self.label_smoothing, 0.0, 1.0)
 
 
-class CLStrategy(SupervisedTemplate):
+class CLStrategy(Learner, SupervisedTemplate):
     """A continual learner on a :class:`ClassifierModel` with a growing head."""
 
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
-    #: scenario kinds (protocols) this strategy can run
-    protocols: ClassVar[tuple[str, ...]] = ("class_incremental",)
-    #: True when predictions use the test sample's task id (task-incremental methods):
-    #: their task-agnostic numbers are then not comparable, and boards mark them
-    uses_task_id: ClassVar[bool] = False
+    kind: ClassVar[str] = "class_incremental"
 
     def __init__(
         self,
@@ -111,9 +109,6 @@ class CLStrategy(SupervisedTemplate):
     def prepare_model(self, model: ClassifierModel) -> None:
         """Called once before training: freeze parts, inject adapters. Default: train all."""
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def adapt_to_experience(self) -> None:
         """Called at the start of each training experience, after the head has grown."""
 
@@ -133,16 +128,8 @@ class CLStrategy(SupervisedTemplate):
         return model.to(self.device)
 
     def make_optimizer(self, **kwargs: Any) -> None:
-        params = self.trainable_parameters()
-        c = self.cfg
-        if c.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(
-                params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
-            )
-        elif c.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        """Avalanche's hook: a fresh optimizer over the trainable parameters (Learner's)."""
+        self.optimizer = self.build_optimizer()
 
     def _before_training_epoch(self, **kwargs: Any) -> None:
         if self.cfg.lr_schedule == "cosine":
@@ -208,14 +195,6 @@ class CLStrategy(SupervisedTemplate):
             if key in state:
                 state[key] = None
         return state
-
-    # --------------------------------------------------------------- inspect
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
-
-    def num_inference_parameters(self) -> int:
-        """Parameters the deployed model needs at inference (after any merge)."""
-        return sum(p.numel() for p in self.model.parameters())
 
 
 def silent_evaluator() -> EvaluationPlugin:

@@ -9,15 +9,12 @@ from typing import Any
 from clbench.strategies.base import CLStrategy, StrategyConfig
 
 from clbench.models import ClassifierModel
-from clbench.registry import STRATEGIES
 
 
-@STRATEGIES.register("finetune")
 class Finetune(CLStrategy):
     """Full fine-tuning of backbone and head on each experience in turn (naive lower bound)."""
 
 
-@STRATEGIES.register("linear_probe")
 class LinearProbe(CLStrategy):
     """Frozen pretrained backbone; only the growing linear head trains.
 
@@ -46,7 +43,6 @@ class JointConfig(StrategyConfig):
     reset_each_step: bool = True
 
 
-@STRATEGIES.register("joint")
 class Joint(CLStrategy):
     """Upper bound: at step t, train on the union of experiences 0..t at once."""
 

@@ -33,7 +33,6 @@ from clbench.checks import check_positive
 from clbench.data import TensorBatches, materialise
 from clbench.errors import ConfigError
 from clbench.models import ClassifierModel, ClipClassifier
-from clbench.registry import STRATEGIES
 from clbench.seeding import derived_generator
 
 
@@ -55,7 +54,6 @@ class MoRAConfig(LoRAConfig):
         check_positive("strategy.tau", self.tau)
 
 
-@STRATEGIES.register("mora")
 class MoRA(LoRAStrategy):
     """Self-activated rank-1 LoRA experts; a new set per task, old ones frozen."""
 
@@ -117,7 +115,6 @@ class MoEAdaptersConfig(StrategyConfig):
             )
 
 
-@STRATEGIES.register("moe_adapters")
 class MoEAdapters(CLStrategy):
     """Frozen backbone + routed adapter experts; DDAS picks the task router at test."""
 

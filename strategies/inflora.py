@@ -24,7 +24,6 @@ from clbench.adapters.lora import LoRALinear, inject_lora
 from clbench.checks import check_range
 from clbench.errors import ClbenchError, ConfigError
 from clbench.models import ClipClassifier
-from clbench.registry import STRATEGIES
 
 
 @dataclass
@@ -111,7 +110,6 @@ class DualGPM:
         return k if self.mode[name] == "remove" else dim - k
 
 
-@STRATEGIES.register("inflora")
 class InfLoRA(LoRAStrategy):
     """InfLoRA: per-task k/v branches with designed, frozen A_t in the DualGPM-free subspace."""
 

@@ -33,7 +33,6 @@ from clbench.adapters.lora import (
 from clbench.checks import check_choice, check_positive
 from clbench.errors import ConfigError
 from clbench.models import ClassifierModel, ClipClassifier
-from clbench.registry import STRATEGIES
 
 
 @dataclass
@@ -126,7 +125,6 @@ class SequentialLoRAConfig(LoRAConfig):
     merge_after_task: bool = False
 
 
-@STRATEGIES.register("lora")
 class SequentialLoRA(LoRAStrategy):
     """One LoRA per target linear on a frozen backbone, trained on each experience in turn."""
 
@@ -152,7 +150,6 @@ class OLoRAConfig(LoRAConfig):
         check_positive("strategy.l2", self.l2, allow_zero=True)
 
 
-@STRATEGIES.register("olora")
 class OLoRA(LoRAStrategy):
     """O-LoRA: a fresh LoRA per task kept orthogonal to the frozen past ones."""
 
@@ -193,7 +190,6 @@ class SDLoRAConfig(LoRAConfig):
     magnitude_init: float = 0.8
 
 
-@STRATEGIES.register("sdlora")
 class SDLoRA(LoRAStrategy):
     """SD-LoRA: frozen, normalised past directions with learnable magnitudes."""
 

@@ -42,7 +42,6 @@ from clbench.adapters.prompts import (
 from clbench.checks import check_positive
 from clbench.errors import ConfigError
 from clbench.models import ClassifierModel
-from clbench.registry import STRATEGIES
 from clbench.seeding import derived_generator
 
 
@@ -122,7 +121,6 @@ class L2PConfig(PromptConfig):
         check_positive("strategy.pull", self.pull, allow_zero=True)
 
 
-@STRATEGIES.register("l2p")
 class L2P(PromptStrategy):
     """Frozen ViT + a key-matched prompt pool prepended at the input; prompts, keys, head train."""
 
@@ -168,7 +166,6 @@ class DualPromptConfig(PromptConfig):
         check_positive("strategy.pull", self.pull, allow_zero=True)
 
 
-@STRATEGIES.register("dualprompt")
 class DualPrompt(PromptStrategy):
     """G-prompt prefixes (shared) + E-prompt prefixes (one per task, picked by key at test)."""
 
@@ -279,7 +276,6 @@ class CodaComponents(nn.Module):
         return total
 
 
-@STRATEGIES.register("coda_prompt")
 class CodaPrompt(PromptStrategy):
     """Attention-weighted, orthogonally initialised prompt components as prefixes."""
 

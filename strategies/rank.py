@@ -18,7 +18,6 @@ from clbench.strategies.lora import LoRAConfig, LoRAStrategy
 
 from clbench.adapters.lora import add_blocks, prune_zero_ranks
 from clbench.checks import check_choice, check_positive, check_range
-from clbench.registry import STRATEGIES
 
 
 def soft_threshold_(gate: torch.Tensor, k: float) -> None:
@@ -48,7 +47,6 @@ class DyRankConfig(LoRAConfig):
         check_range("strategy.adam_beta2", self.adam_beta2, 0.0, 1.0)
 
 
-@STRATEGIES.register("dyrank")
 class DyRank(LoRAStrategy):
     """Dynamic rank-selective LoRA: gates soft-thresholded to zero, merged between tasks."""
 
@@ -69,17 +67,8 @@ class DyRank(LoRAStrategy):
                 for b in self.new_blocks:
                     b.gate.normal_()
 
-    def make_optimizer(self, **kwargs: Any) -> None:
-        if self.cfg.optimizer in ("adam", "adamw"):
-            opt = torch.optim.AdamW if self.cfg.optimizer == "adamw" else torch.optim.Adam
-            self.optimizer = opt(
-                self.trainable_parameters(),
-                lr=self.cfg.lr,
-                betas=(0.9, self.cfg.adam_beta2),
-                weight_decay=self.cfg.weight_decay,
-            )
-        else:
-            super().make_optimizer(**kwargs)
+    def adam_betas(self) -> tuple[float, float]:
+        return (0.9, self.cfg.adam_beta2)
 
     def start_new_task(self) -> None:
         self.new_blocks = self._add_blocks(self.model)
@@ -146,7 +135,6 @@ def _orthogonal_rows(n: int, dim: int, against: torch.Tensor | None) -> torch.Te
     return q.T[:n]
 
 
-@STRATEGIES.register("inc_rank")
 class IncRank(LoRAStrategy):
     """Incremental rank (ITL): frozen U, V grow per task; the task id picks a selector s_t."""
 

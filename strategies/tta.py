@@ -13,14 +13,18 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from clbench.strategies.learner import Learner
+from clbench.strategies.learner import make_optimizer as make_optimizer  # re-exported
 from torch import nn
 from torch.utils.data import Dataset
 
 from clbench.adapters.tta import (
+    MetaPart,
     Snapshot,
+    attach_meta_parts,
     cotta_augment,
     ema_update_,
     entropy_margin,
@@ -37,7 +41,9 @@ from clbench.backbones.wideresnet import WideResNet
 from clbench.checks import check_choice, check_positive, check_range
 from clbench.data import TensorBatches, materialise
 from clbench.errors import ClbenchError
-from clbench.registry import STRATEGIES
+
+if TYPE_CHECKING:
+    from clbench.protocols.tta import DomainStream
 
 OPTIMIZERS = ("adam", "sgd")
 FLIPS = ("auto", "true", "false")
@@ -70,28 +76,17 @@ class OptimizedConfig(TTAConfig):
         check_positive("strategy.steps", self.steps)
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: OptimizedConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.Adam(
-        params, lr=cfg.lr, betas=(cfg.beta1, 0.999), weight_decay=cfg.weight_decay
-    )
-
-
 def _source_batches(source: Dataset, batch_size: int, limit: int) -> list[torch.Tensor]:
     """The first ``limit`` source samples (in dataset order) in batches."""
     x = materialise(source)[0][:limit]
     return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
 
 
-class TTAStrategy:
+class TTAStrategy(Learner):
     """Base: the source model, unchanged (subclasses adapt)."""
 
     Config: ClassVar[type[TTAConfig]] = TTAConfig
-    protocols: ClassVar[tuple[str, ...]] = ("test_time",)
-    uses_task_id: ClassVar[bool] = False
+    kind: ClassVar[str] = "test_time"
 
     def __init__(
         self,
@@ -100,13 +95,17 @@ class TTAStrategy:
         cfg: TTAConfig,
         seed: int = 0,
         device: torch.device | str = "cpu",
-        scenario_meta: dict[str, Any] | None = None,
+        stream: DomainStream | None = None,
     ) -> None:
+        from clbench.protocols.tta import DomainStream  # the protocol imports this module
+
         self.cfg = cfg
         self.device = torch.device(device)
         self.model = model.to(self.device)
-        self.meta = dict(scenario_meta or {})
-        self.batch_size = int(self.meta.get("batch_size", 64))
+        #: the scenario's protocol inputs (batch size, value range, flips); defaults if None
+        self.stream = stream if stream is not None else DomainStream(domains=())
+        self.batch_size = self.stream.batch_size
+        self.setup_seconds = 0.0  # measured by the protocol around setup()
         self.num_classes = int(model.head.num_classes)
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -176,22 +175,11 @@ class TTAStrategy:
         """Other tensors it holds: optimizer state, source copies, Fisher."""
         return [self.optimizer] if self.optimizer is not None else []
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
-
-    def num_inference_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-
-@STRATEGIES.register("source")
 class Source(TTAStrategy):
     """No adaptation: the source model with its training-time normalisation statistics."""
 
 
-@STRATEGIES.register("bn_adapt")
 class BNAdapt(TTAStrategy):
     """BatchNorm with test-batch statistics, no gradient (Schneider et al. 2020)."""
 
@@ -218,10 +206,9 @@ class NormAffine(TTAStrategy):
         self.model.train()
         self.norm_params = norm_affine_parameters(self.model)
         train_only(self.model, self.norm_params.values())
-        self.optimizer = make_optimizer(list(self.norm_params.values()), self.cfg)
+        self.optimizer = self.build_optimizer(list(self.norm_params.values()))
 
 
-@STRATEGIES.register("tent")
 class Tent(NormAffine):
     """Entropy minimisation over the normalisation affine parameters (Wang et al. 2021)."""
 
@@ -271,7 +258,7 @@ class MeanTeacher(TTAStrategy):
         self.params = dict(self.model.named_parameters())
         self.source_params = {n: p.detach().clone() for n, p in self.params.items()}
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = make_optimizer(list(self.params.values()), self.cfg)
+        self.optimizer = self.build_optimizer(list(self.params.values()))
 
     def stateful(self) -> dict[str, nn.Module]:
         return {"model": self.model, "teacher": self.teacher}
@@ -280,7 +267,6 @@ class MeanTeacher(TTAStrategy):
         return [*super().state_tensors(), self.source_params]
 
 
-@STRATEGIES.register("cotta")
 class CoTTA(MeanTeacher):
     """Mean teacher with anchor-gated augmentation averaging and stochastic restore (CoTTA)."""
 
@@ -291,9 +277,9 @@ class CoTTA(MeanTeacher):
         self.anchor = copy.deepcopy(self.teacher)
         flip = str(self.cfg.flip).lower()
         self.flip = flip == "true" or (
-            flip == "auto" and bool(self.meta.get("flip_preserves_label", True))
+            flip == "auto" and self.stream.flip_preserves_label
         )
-        self.value_range = tuple(self.meta.get("value_range", (0.0, 1.0)))
+        self.value_range = tuple(self.stream.value_range)
         self.last_augmented = False
         self.last_restored = 0.0
 
@@ -387,7 +373,6 @@ class FisherAnchored(TTAStrategy):
         return [*super().state_tensors(), self.fisher, self.anchor_params]
 
 
-@STRATEGIES.register("eata")
 class EATA(FisherAnchored, NormAffine):
     """Entropy minimisation on reliable, non-redundant samples with a Fisher anchor (EATA)."""
 
@@ -456,7 +441,6 @@ class PSMTConfig(OptimizedConfig):
         check_range("strategy.quantile", self.quantile, 0.0, 1.0)
 
 
-@STRATEGIES.register("psmt")
 class PSMT(FisherAnchored, MeanTeacher):
     """Parameter-selective mean teacher (Tian & Lyu, ACCV 2024).
 
@@ -507,53 +491,6 @@ class PSMT(FisherAnchored, MeanTeacher):
 
 
 # ------------------------------------------------------------------------- EcoTTA
-class MetaPart(nn.Module):
-    """A frozen partition of the encoder and its meta network (EcoTTA).
-
-    ``out = meta_bn(part(x)) + conv_block(x)``, the conv block being a 3x3 convolution
-    (stride matching the partition's), BatchNorm and ReLU. The last forward's meta output
-    and (detached) frozen output are kept for the self-distilled regulariser.
-    """
-
-    def __init__(self, part: nn.Sequential, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.part = part
-        self.meta_bn = nn.BatchNorm2d(c_out)
-        self.conv_block = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        )
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frozen = self.part(x)
-        out = self.meta_bn(frozen) + self.conv_block(x)
-        self.last = (out, frozen.detach())
-        return out
-
-    def meta_parameters(self) -> list[nn.Parameter]:
-        return [*self.meta_bn.parameters(), *self.conv_block.parameters()]
-
-
-def attach_meta_parts(wrn: WideResNet, split: list[bool]) -> list[MetaPart]:
-    """Cut the WRN's stages into partitions (a stage in two halves where ``split``) and
-    wrap each with a meta network; [True, True, False] gives EcoTTA's K=5 for WRN-28."""
-    parts = []
-    for stage, halve in zip((wrn.block1, wrn.block2, wrn.block3), split, strict=True):
-        blocks = list(stage.layer)
-        cut = len(blocks) // 2 if halve and len(blocks) > 1 else len(blocks)
-        groups = [g for g in (blocks[:cut], blocks[cut:]) if g]
-        wrapped = []
-        for g in groups:
-            first = g[0]
-            c_in, c_out = first.conv1.in_channels, g[-1].conv2.out_channels
-            wrapped.append(MetaPart(nn.Sequential(*g), c_in, c_out, first.conv1.stride[0]))
-        stage.layer = nn.Sequential(*wrapped)
-        parts += wrapped
-    return parts
-
-
 @dataclass
 class EcoTTAConfig(OptimizedConfig):
     name: str = "ecotta"
@@ -593,7 +530,6 @@ class EcoTTAConfig(OptimizedConfig):
             )
 
 
-@STRATEGIES.register("ecotta")
 class EcoTTA(TTAStrategy):
     """Frozen encoder + light meta networks, filtered entropy + self-distillation (EcoTTA)."""
 
@@ -609,7 +545,7 @@ class EcoTTA(TTAStrategy):
         self.model.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**31, (1,), generator=self.generator)))
-            self.parts = attach_meta_parts(backbone, list(self.cfg.split_stages))
+            self.parts: list[MetaPart] = attach_meta_parts(backbone, list(self.cfg.split_stages))
         self.model.to(self.device)
         self.meta_params = [p for part in self.parts for p in part.meta_parameters()]
         train_only(self.model, self.meta_params)
@@ -629,7 +565,7 @@ class EcoTTA(TTAStrategy):
         if self.cfg.frozen_bn == "batch":
             use_batch_statistics(self.model)
         make_frozen_layers_lean(self.model)
-        self.optimizer = make_optimizer(self.meta_params, self.cfg)
+        self.optimizer = self.build_optimizer(self.meta_params)
         super().setup(source)
 
     def warm_up(self, source: Dataset) -> None:

@@ -103,7 +103,7 @@ def test_list_names_every_kind(capsys):
     assert run_cli(["list"]) == 0
     out = capsys.readouterr().out.splitlines()
     kinds = {line.split()[0] for line in out}
-    assert kinds == {"strategy", "scenario", "backbone"}
+    assert kinds == {"strategy", "scenario", "backbone", "kind"}
     names = {line.split()[1] for line in out}
     assert {"finetune", "linear_probe", "joint", "lora", "split_digits", "micro_vit"} <= names
 

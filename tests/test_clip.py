@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from clbench.adapters.lora import lora_layers
+from clbench.backbones.clip import ClipBackbone
 from clbench.config import compose, validate
 from clbench.errors import ConfigError
 from clbench.models import ClipClassifier
 from clbench.protocols.class_incremental import StepCounter
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
-from clbench.runner import accepts_input, build_model
 from helpers import only_run_dir, results_of, run_cli
 
 CLI_FAST = ["scenario.n_experiences=2", "strategy.epochs=1", "tracking=none", "progress=false"]
@@ -35,7 +35,7 @@ def _tiny(seed: int = 0) -> Any:
 
 
 def _classifier(scenario: Any, seed: int = 0) -> ClipClassifier:
-    model = build_model(_tiny(seed), scenario)
+    model = _tiny(seed).classifier(scenario.class_names)
     assert isinstance(model, ClipClassifier)
     return model
 
@@ -188,10 +188,10 @@ def test_text_towers_are_refused_where_they_cannot_apply(scenario):
 
 def test_clip_backbones_declare_the_inputs_they_take(scenario):
     tiny = _tiny()
-    assert tiny.meta["kind"] == "clip" and tiny.source == "random-init"
-    assert accepts_input(tiny, (1, 16, 16)) and accepts_input(tiny, (3, 16, 16))
-    assert not accepts_input(tiny, (1, 32, 32))
-    assert accepts_input(tiny, scenario.input_shape)
+    assert isinstance(tiny, ClipBackbone) and tiny.source == "random-init"
+    assert tiny.accepts((1, 16, 16)) and tiny.accepts((3, 16, 16))
+    assert not tiny.accepts((1, 32, 32))
+    assert tiny.accepts(scenario.input_shape)
 
 
 def test_cli_runs_clip_tiny_with_lora_in_both_towers(tmp_path):

@@ -16,7 +16,6 @@ from clbench.adapters.experts import (
 from clbench.backbones.micro_vit import build_micro_vit
 from clbench.models import ClassifierModel
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
-from clbench.runner import build_model
 from helpers import FAST, only_run_dir, results_of, run_cli
 
 
@@ -130,10 +129,11 @@ def test_adapter_mixtures_start_as_the_bare_model_on_vit_and_clip():
 
     build = SCENARIOS.get("split_digits")
     torch.manual_seed(0)
-    clip_model = build_model(
-        BACKBONES.get("clip_tiny")(BACKBONES.get("clip_tiny").Config()),
-        build(build.Config(n_experiences=5)),
-    ).eval()
+    clip_model = (
+        BACKBONES.get("clip_tiny")(BACKBONES.get("clip_tiny").Config())
+        .classifier(build(build.Config(n_experiences=5)).class_names)
+        .eval()
+    )
     images = torch.randn(2, 1, 16, 16)
     bare = clip_model.image_features(images)
     mixtures = add_adapter_mixtures(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from clbench import tracking
 from clbench.leaderboard import build_boards, md_escape, publish, read_runs
+from clbench.record import RunRecord
 from helpers import FAST, only_run_dir, results_of, run_cli
 
 EVIL = "<script>alert('x')</script>"
@@ -43,7 +46,7 @@ def store(tmp_path_factory):
     record.update(run_name=EVIL, strategy="evil|<b>bold</b>*x*")
     record["tags"] = {**record["tags"], "hardware": "<img src=x onerror=alert(1)>"}
     (evil_dir / "results.json").write_text(json.dumps(record))
-    tracking.log_run(record, evil_dir, uri, "clbench")
+    tracking.log_run(RunRecord.from_dict(record, "evil"), evil_dir, uri, "clbench")
     return tmp, uri, runs
 
 
@@ -86,7 +89,7 @@ def test_every_run_string_is_escaped(store, tmp_path):
 def test_a_latest_run_per_seed_counts_once(store):
     _, uri, _ = store
     runs = read_runs(uri, "clbench")
-    twice = runs + [r for r in runs if r.record["strategy"] == "finetune"]
+    twice = runs + [r for r in runs if r.record.strategy == "finetune"]
     board = build_boards(twice)["split_digits"]
     ft = next(e for e in board["entries"] if e["strategy"] == "finetune")
     assert ft["n"] == 2
@@ -188,8 +191,8 @@ def test_task_incremental_entries_are_marked(store, tmp_path):
 
     _, uri, _ = store
     runs = [
-        TrackedRun(r.run_id, r.start_time, {**r.record, "uses_task_id": True})
-        if r.record["strategy"] == "linear_probe"
+        TrackedRun(r.run_id, r.start_time, dataclasses.replace(r.record, uses_task_id=True))
+        if r.record.strategy == "linear_probe"
         else r
         for r in read_runs(uri, "clbench")
     ]
@@ -204,3 +207,66 @@ def test_publish_from_a_missing_store_creates_nothing(tmp_path, capsys):
     code = run_cli(["leaderboard", "publish", "--tracking-uri", f"sqlite:///{db}"])
     assert code == 2 and not db.exists()
     assert "no MLflow store at" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tta_store(tmp_path_factory):
+    """A SQLite store with one small continual test-time-adaptation run (tent on digits_c)."""
+    tmp = tmp_path_factory.mktemp("tta_board")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    fast = ["backbone.pretrained=none", "progress=false", "scenario=digits_c", "strategy=tent"]
+    fast += ["scenario.corruptions=[fog,snow,contrast]", "scenario.n_per_domain=64"]
+    fast += ["scenario.source_epochs=1", f"runs_dir={tmp / 'runs'}", f"tracking.uri={uri}"]
+    assert run_cli(["run", *fast]) == 0
+    return uri
+
+
+class _PlotText(HTMLParser):
+    """Per board section: the text of its plot titles and axis labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.boards: dict[str, dict[str, list[str]]] = {}
+        self.board: str | None = None
+        self.want: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section" and "board" in (a.get("class") or ""):
+            self.board = a["id"]
+            self.boards[self.board] = {"plot-title": [], "x-label": [], "y-label": []}
+        cls = a.get("class") or ""
+        self.want = cls if cls in ("plot-title", "x-label", "y-label") else None
+
+    def handle_data(self, data):
+        if self.board and self.want:
+            self.boards[self.board][self.want].append(data.strip())
+            self.want = None
+
+
+def test_each_kind_plots_with_its_own_axis_labels_and_titles(store, tta_store, tmp_path):
+    _, uri, _ = store
+    publish(read_runs(uri, "clbench") + read_runs(tta_store, "clbench"), tmp_path)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    flags += ["--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(
+        [_chromium(), *flags, "--dump-dom", (tmp_path / "index.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    parser = _PlotText()
+    parser.feed(dom)
+    assert parser.boards["split_digits"] == {
+        "plot-title": ["Accuracy on the seen experiences", "final accuracy (± 1 std)"],
+        "x-label": ["after experience", "final accuracy (higher is better)"],
+        "y-label": ["accuracy on seen classes"],
+    }
+    assert parser.boards["digits_c"] == {
+        "plot-title": ["Online error per domain", "mean online error (± 1 std)"],
+        "x-label": ["domain (stream order)", "mean online error (lower is better)"],
+        "y-label": ["online error"],
+    }
+    board = json.loads((tmp_path / "digits_c.json").read_text())
+    assert board["kind"] == "test_time" and len(board["entries"][0]["curve"]) == 3

@@ -21,6 +21,7 @@ from clbench.backbones.micro_vit import build_micro_vit
 from clbench.backbones.wideresnet import WideResNet
 from clbench.errors import ClbenchError
 from clbench.models import ClassifierModel
+from clbench.protocols.tta import DomainStream
 from clbench.registry import STRATEGIES
 
 N_CLASSES = 4
@@ -54,7 +55,7 @@ def make(name: str, model: nn.Module, source=None, **cfg) -> object:
         model=model,
         cfg=cls.Config(name=name, **cfg),
         seed=0,
-        scenario_meta={"batch_size": 8, "value_range": (-1.0, 1.0)},
+        stream=DomainStream(domains=(), batch_size=8, value_range=(-1.0, 1.0)),
     )
     st.setup(source)
     st.reset()
@@ -268,7 +269,7 @@ def test_ecotta_trains_only_the_meta_networks_and_needs_a_wideresnet():
 
 def test_ecotta_partitions_wrn28_as_the_paper():
     wrn = WideResNet(depth=28, widen_factor=1)
-    from clbench.strategies.tta import attach_meta_parts
+    from clbench.adapters.tta import attach_meta_parts
 
     parts = attach_meta_parts(wrn, [True, True, False])
     assert [len(p.part) for p in parts] == [2, 2, 2, 2, 4]

@@ -91,15 +91,15 @@ def test_samples_are_shuffled_within_a_domain_by_the_seed(small_stream):
 def test_digits_c_stream_variants():
     s = digits_c()
     assert s.kind == "test_time" and s.name == "digits_c"
-    assert s.meta["domains"] == [f"{c}-5" for c in CORRUPTIONS]
+    assert s.stream.domains == tuple(f"{c}-5" for c in CORRUPTIONS)
     assert [len(e.dataset) for e in s.test_stream] == [540] * 15
     assert len(s.benchmark.streams["source"][0].dataset) == 1257
-    assert s.num_experiences == 15 and s.meta["flip_preserves_label"] is False
+    assert s.num_experiences == 15 and s.stream.flip_preserves_label is False
     g = digits_c(gradual=True, corruptions=["fog", "snow"], n_per_domain=10)
     assert g.name == "digits_c_gradual"
-    assert g.meta["domains"][:9] == [f"fog-{v}" for v in (1, 2, 3, 4, 5, 4, 3, 2, 1)]
+    assert g.stream.domains[:9] == tuple(f"fog-{v}" for v in (1, 2, 3, 4, 5, 4, 3, 2, 1))
     m = digits_c(mixed=True, corruptions=["fog", "snow"], n_per_domain=10, mode="reset_each_shift")
-    assert m.name == "digits_c_mixed_reset_each_shift" and m.meta["domains"] == ["mixed"]
+    assert m.name == "digits_c_mixed_reset_each_shift" and m.stream.domains == ("mixed",)
     assert len(m.test_stream[0].dataset) == 20
     with pytest.raises(ConfigError, match="valid choices: continual, reset_each_shift"):
         DigitsCConfig(mode="episodic")
@@ -129,7 +129,7 @@ def test_cifar_c_scenarios_from_the_released_files_and_from_a_cifar_root(tmp_pat
         np.save(npy / f"{c}.npy", rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8))
     np.save(npy / "labels.npy", np.tile(np.arange(n), 5).astype(np.uint8))
     s = SCENARIOS.get("cifar10_c")(CifarCConfig(root=str(npy), corruptions=["fog", "snow"]))
-    assert s.meta["domains"] == ["fog-5", "snow-5"] and s.meta["batch_size"] == 200
+    assert s.stream.domains == ("fog-5", "snow-5") and s.stream.batch_size == 200
     x, _, _ = s.test_stream[1].dataset[2]
     assert x.shape == (3, 32, 32) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert "clean" not in s.benchmark.streams

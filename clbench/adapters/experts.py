@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
+from clbench.adapters.inject import set_submodule
 from clbench.adapters.lora import LoRALinear
 
 
@@ -246,11 +247,11 @@ def add_adapter_mixtures(model: nn.Module, **kwargs: object) -> list[AdapterMixt
     blocks, norm_name, batch_first = _transformer_blocks(model)
     mixtures = []
     for block in blocks:
-        norm = getattr(block, norm_name)
+        norm = block.get_submodule(norm_name)
         dim = norm.normalized_shape[0]
         mixture = AdapterMixture(dim, batch_first=batch_first, **kwargs)  # type: ignore[arg-type]
-        setattr(block, norm_name, nn.Identity())
-        block.mlp = ParallelExperts(norm, block.mlp, mixture)
+        set_submodule(block, norm_name, nn.Identity())
+        set_submodule(block, "mlp", ParallelExperts(norm, block.mlp, mixture))
         mixtures.append(mixture)
     return mixtures
 

@@ -18,55 +18,29 @@ Two backbone layouts are understood, and may be mixed in one model:
   ``mlp.c_proj`` are then wrapped like any linear.
 
 Target names are shared (``proj``/``out_proj``, ``fc1``/``c_fc``, ``fc2``/``c_proj`` are
-aliases), so one strategy config applies to either backbone.
+aliases), so one strategy config applies to either backbone; the target tables, name
+matching, tower selection and the module swap are :mod:`clbench.adapters.inject`'s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: per layout: target name -> (module name suffix, output slice index within a fused qkv or None)
-_TIMM_VIT_TARGETS: dict[str, tuple[str, int | None]] = {
-    "qkv": ("attn.qkv", None),
-    "q": ("attn.qkv", 0),
-    "k": ("attn.qkv", 1),
-    "v": ("attn.qkv", 2),
-    "proj": ("attn.proj", None),
-    "fc1": ("mlp.fc1", None),
-    "fc2": ("mlp.fc2", None),
-}
-_OPEN_CLIP_TARGETS: dict[str, tuple[str, int | None]] = {
-    "qkv": ("attn.in_proj", None),
-    "q": ("attn.in_proj", 0),
-    "k": ("attn.in_proj", 1),
-    "v": ("attn.in_proj", 2),
-    "out_proj": ("attn.out_proj", None),
-    "c_fc": ("mlp.c_fc", None),
-    "c_proj": ("mlp.c_proj", None),
-}
-#: names that mean the same layer in the other layout
-_ALIASES = {"proj": "out_proj", "out_proj": "proj", "fc1": "c_fc", "c_fc": "fc1"}
-_ALIASES |= {"fc2": "c_proj", "c_proj": "fc2"}
-_LAYOUTS = {"timm": _TIMM_VIT_TARGETS, "open_clip": _OPEN_CLIP_TARGETS}
-VALID_TARGETS = (*_TIMM_VIT_TARGETS, "out_proj", "c_fc", "c_proj")
-#: targets living in the attention (an open_clip MHA must be swapped for them)
-_ATTENTION_TARGETS = frozenset({"qkv", "q", "k", "v", "proj", "out_proj"})
-TOWERS = ("image", "text", "both")
-
-
-def _specs(target: str) -> list[tuple[str, int | None]]:
-    """(suffix, qkv part) of ``target`` in every layout, aliases resolved."""
-    specs = []
-    for table in _LAYOUTS.values():
-        name = target if target in table else _ALIASES.get(target, target)
-        if name in table:
-            specs.append(table[name])
-    return specs
+from clbench.adapters.inject import (
+    ATTENTION_TARGETS,
+    check_targets,
+    matches,
+    replace_modules,
+    target_specs,
+    target_suffixes,
+)
+from clbench.adapters.inject import TOWERS as TOWERS  # re-exported
+from clbench.adapters.inject import VALID_TARGETS as VALID_TARGETS  # re-exported
 
 
 class LoRABlock(nn.Module):
@@ -370,30 +344,6 @@ class LoRAMultiheadAttention(nn.Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
 
 
-def _matches(name: str, suffix: str) -> bool:
-    return name == suffix or name.endswith("." + suffix)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
-
-
-def _tower_filter(model: nn.Module, tower: str | None) -> Callable[[str], bool]:
-    """Predicate on qualified module names selecting ``tower`` of a CLIP model."""
-    if tower is None or tower == "both":
-        return lambda name: True
-    if tower not in TOWERS:
-        raise ValueError(f"unknown tower {tower!r}; valid towers: {', '.join(TOWERS)}")
-    if not isinstance(getattr(model, "visual", None), nn.Module):
-        raise ValueError(f"tower={tower!r} needs a CLIP model with an image tower at .visual")
-
-    def in_image(name: str) -> bool:
-        return name == "visual" or name.startswith("visual.")
-
-    return in_image if tower == "image" else (lambda name: not in_image(name))
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """All LoRALinear modules of ``model`` by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -417,31 +367,23 @@ def inject_lora(
     (a LoRALinear subclass that combines its blocks differently, e.g. MoRA). Blocks are
     added separately with :func:`add_blocks`.
     """
-    bad = [t for t in targets if t not in VALID_TARGETS]
-    if bad:
-        raise ValueError(
-            f"unknown LoRA target {bad[0]!r}; valid targets: {', '.join(VALID_TARGETS)}"
+    check_targets(targets, "LoRA")
+    if any(t in ATTENTION_TARGETS for t in targets):
+        replace_modules(
+            model,
+            LoRAMultiheadAttention,
+            suffixes=["attn"],
+            types=nn.MultiheadAttention,
+            tower=tower,
+            where=LoRAMultiheadAttention.supports,
         )
-    in_tower = _tower_filter(model, tower)
-    if any(t in _ATTENTION_TARGETS for t in targets):
-        for name, module in list(model.named_modules()):
-            if (
-                isinstance(module, nn.MultiheadAttention)
-                and _matches(name, "attn")
-                and in_tower(name)
-                and LoRAMultiheadAttention.supports(module)
-            ):
-                _set_submodule(model, name, LoRAMultiheadAttention(module))
-    suffixes = {suffix for t in targets for suffix, _ in _specs(t)}
-    wrapped: dict[str, LoRALinear] = {}
-    for name, module in list(model.named_modules()):
-        if not (in_tower(name) and any(_matches(name, s) for s in suffixes)):
-            continue
-        if isinstance(module, LoRALinear):
-            wrapped[name] = module
-        elif isinstance(module, nn.Linear):
-            wrapped[name] = layer_cls(module)
-            _set_submodule(model, name, wrapped[name])
+
+    def wrap(module: nn.Module) -> LoRALinear:
+        return module if isinstance(module, LoRALinear) else layer_cls(module)
+
+    wrapped: dict[str, LoRALinear] = replace_modules(  # type: ignore[assignment]
+        model, wrap, suffixes=target_suffixes(targets), types=(LoRALinear, nn.Linear), tower=tower
+    )
     if not wrapped:
         raise ValueError(f"no layer of the model matches LoRA targets {list(targets)}")
     return wrapped
@@ -465,9 +407,9 @@ def add_blocks(
     layers = inject_lora(model, targets, tower, layer_cls)
     blocks: list[LoRABlock] = []
     for target in targets:
-        for suffix, part in _specs(target):
+        for suffix, part in target_specs(target):
             for name, layer in layers.items():
-                if not _matches(name, suffix):
+                if not matches(name, suffix):
                     continue
                 out_slice = None
                 if part is not None:
@@ -490,13 +432,12 @@ def unload_lora(model: nn.Module) -> None:
     LoRAMultiheadAttention an ``nn.MultiheadAttention`` on the same parameters, so
     ``model`` has the original architecture, parameter names and inference cost again.
     """
-    for name, layer in list(lora_layers(model).items()):
-        layer.merge_and_clear()
-        if name:  # a bare LoRALinear passed as ``model`` can only be merged in place
-            _set_submodule(model, name, layer.base)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRAMultiheadAttention):
-            _set_submodule(model, name, module.to_multihead_attention())
+    for layer in lora_layers(model).values():
+        layer.merge_and_clear()  # a bare LoRALinear passed as ``model`` stays, merged
+    replace_modules(model, lambda layer: layer.base, types=LoRALinear)
+    replace_modules(
+        model, LoRAMultiheadAttention.to_multihead_attention, types=LoRAMultiheadAttention
+    )
 
 
 @torch.no_grad()

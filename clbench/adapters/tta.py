@@ -1,8 +1,9 @@
 """Building blocks of the test-time adapters (Tent, CoTTA, EATA, PSMT, EcoTTA).
 
 Normalisation handling, the entropy losses, teacher EMA, stochastic restore, the
-diagonal Fisher, exact source snapshots, CoTTA's augmentation and a meter for the
-memory an adaptation step keeps for backward. Strategies in ``clbench.strategies.tta``
+diagonal Fisher, exact source snapshots, EcoTTA's meta networks on a WideResNet's
+stages, CoTTA's augmentation and a meter for the memory an adaptation step keeps for
+backward. Strategies in ``clbench.strategies.tta``
 compose these; nothing here knows about a strategy.
 
 Normalisation on the two backbone families:
@@ -21,12 +22,15 @@ import copy
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import nn
+
+if TYPE_CHECKING:
+    from clbench.backbones.wideresnet import WideResNet
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 NORMS = (*BATCH_NORMS, nn.LayerNorm, nn.GroupNorm)
@@ -298,6 +302,54 @@ def make_frozen_layers_lean(module: nn.Module) -> int:
             m.__class__ = LeanReLU
             n += 1
     return n
+
+
+# ------------------------------------------------------------- EcoTTA's meta networks
+class MetaPart(nn.Module):
+    """A frozen partition of the encoder and its meta network (EcoTTA).
+
+    ``out = meta_bn(part(x)) + conv_block(x)``, the conv block being a 3x3 convolution
+    (stride matching the partition's), BatchNorm and ReLU. The last forward's meta output
+    and (detached) frozen output are kept for the self-distilled regulariser.
+    """
+
+    def __init__(self, part: nn.Sequential, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.part = part
+        self.meta_bn = nn.BatchNorm2d(c_out)
+        self.conv_block = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = self.part(x)
+        out = self.meta_bn(frozen) + self.conv_block(x)
+        self.last = (out, frozen.detach())
+        return out
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        return [*self.meta_bn.parameters(), *self.conv_block.parameters()]
+
+
+def attach_meta_parts(wrn: WideResNet, split: list[bool]) -> list[MetaPart]:
+    """Cut the WRN's stages into partitions (a stage in two halves where ``split``) and
+    wrap each with a meta network; [True, True, False] gives EcoTTA's K=5 for WRN-28."""
+    parts = []
+    for stage, halve in zip((wrn.block1, wrn.block2, wrn.block3), split, strict=True):
+        blocks = list(stage.layer)
+        cut = len(blocks) // 2 if halve and len(blocks) > 1 else len(blocks)
+        groups = [g for g in (blocks[:cut], blocks[cut:]) if g]
+        wrapped = []
+        for g in groups:
+            first = g[0]
+            c_in, c_out = first.conv1.in_channels, g[-1].conv2.out_channels
+            wrapped.append(MetaPart(nn.Sequential(*g), c_in, c_out, first.conv1.stride[0]))
+        stage.layer = nn.Sequential(*wrapped)
+        parts += wrapped
+    return parts
 
 
 # --------------------------------------------------------------- CoTTA's augmentation

@@ -1,11 +1,22 @@
-"""What a backbone builder returns."""
+"""What a backbone builder returns: a feature extractor that knows how to classify.
+
+A :class:`Backbone` declares the input shapes it accepts, what counts as one backbone
+pass (its ``stem``: the layer every sample goes through exactly once per pass) and
+builds the classifier strategies train (:meth:`Backbone.classifier`: a growing linear
+head on pooled features; :class:`clbench.backbones.clip.ClipBackbone` classifies with
+the text embeddings of the class names instead). A backbone over precomputed features
+(slide bags of patch features) is :func:`precomputed_features`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+
+Shape = tuple[int | None, ...]
 
 
 @dataclass
@@ -15,6 +26,71 @@ class Backbone:
     name: str
     module: nn.Module
     feature_dim: int
-    input_shape: tuple[int, ...]  # (C, H, W)
+    input_shape: tuple[int | None, ...]  # the shape of one input it is used at, e.g. (C, H, W)
     source: str  # where the weights come from (provenance, logged with the run)
-    meta: dict[str, Any] = field(default_factory=dict)
+    #: every shape of one input it accepts (``None``: any size); default ``(input_shape,)``
+    input_shapes: tuple[Shape, ...] = ()
+    #: qualified name, inside ``module``, of the layer one pass takes each sample through
+    #: once (a ViT's ``patch_embed``): passes are counted there; None: not counted
+    stem: str | None = None
+    #: a classifier that came with the weights (a RobustBench checkpoint's ``fc``): the
+    #: backbone plus this head is a ready source model
+    head: nn.Linear | None = None
+
+    def __post_init__(self) -> None:
+        if not self.input_shapes:
+            self.input_shapes = (tuple(self.input_shape),)
+
+    def classifier(self, class_names: Sequence[str]) -> nn.Module:
+        """The model strategies train: ``.backbone`` (this module) and a growing ``.head``."""
+        from clbench.models import ClassifierModel
+
+        return ClassifierModel(self.module, self.feature_dim)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def accepts(self, shape: Sequence[int]) -> bool:
+        """Whether one input of ``shape`` fits."""
+        return any(
+            len(s) == len(shape) and all(a is None or a == b for a, b in zip(s, shape, strict=True))
+            for s in self.input_shapes
+        )
+
+    def describe_inputs(self) -> str:
+        """The accepted shapes as text, e.g. ``(1, 16, 16) or (3, 16, 16)``."""
+        return " or ".join(
+            "(" + ", ".join("any" if d is None else str(d) for d in s) + ")"
+            for s in self.input_shapes
+        )
+
+    def pass_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules of ``model`` (a classifier built from this backbone, possibly a copy
+        restored from a checkpoint) whose forward counts one backbone pass per sample."""
+        root = getattr(model, "backbone", None)
+        if self.stem is None or not isinstance(root, nn.Module):
+            return []
+        try:
+            return [root.get_submodule(self.stem)]
+        except AttributeError:
+            return []
+
+
+class _Bag(nn.Module):
+    """Identity over a bag of precomputed instance features (N, D)."""
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+
+def precomputed_features(name: str, feature_dim: int, source: str) -> Backbone:
+    """A backbone over precomputed features: one input is a bag of ``N`` feature vectors
+    ``(N, feature_dim)`` for any ``N`` (patch features of a slide), passed through as
+    they are; nothing is counted as a backbone pass."""
+    return Backbone(
+        name=name,
+        module=_Bag(),
+        feature_dim=feature_dim,
+        input_shape=(None, feature_dim),
+        source=source,
+    )

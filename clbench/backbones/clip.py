@@ -1,12 +1,13 @@
 """CLIP backbones (open_clip): the image tower encodes, the class names' prompts classify.
 
-A CLIP backbone's ``module`` is the whole open_clip ``CLIP`` model (both towers), and its
-``meta`` says how to build the classifier (``clbench.models.ClipClassifier``):
-``kind = "clip"``, the ``tokenizer``, the prompt ``template`` and the ``input_adapter``
-that turns a scenario's images into what the image tower takes. Grey (1-channel) inputs
-are repeated to RGB by that adapter, so the towers keep open_clip's standard architecture
-and parameter names; ``meta["input_shapes"]`` lists the (C, H, W) shapes accepted
-(``None``: any size, resized to the tower's).
+A CLIP backbone (:class:`ClipBackbone`) has the whole open_clip ``CLIP`` model (both
+towers) as its ``module`` and builds its own classifier
+(:class:`clbench.models.ClipClassifier`) from the ``tokenizer``, the prompt ``template``
+and the ``input_adapter`` that turns a scenario's images into what the image tower takes.
+Grey (1-channel) inputs are repeated to RGB by that adapter, so the towers keep
+open_clip's standard architecture and parameter names; ``input_shapes`` lists the
+(C, H, W) shapes accepted (``None``: any size, resized to the tower's). One backbone pass
+is one sample through the image tower's stem (``visual.conv1``).
 
 - ``clip_tiny``: a tiny, randomly initialised CLIP built locally (offline, for tests and
   quick runs on 16x16 digits), seeded by the global torch seed.
@@ -28,7 +29,6 @@ from torch import nn
 
 from clbench.backbones.base import Backbone
 from clbench.errors import ClbenchError, ConfigError, first_line
-from clbench.registry import BACKBONES
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 TOKENIZER_VOCAB = 49408  # open_clip's BPE vocabulary (SimpleTokenizer), shipped with the package
@@ -90,6 +90,27 @@ def _check_template(template: str) -> None:
         )
 
 
+@dataclass
+class ClipBackbone(Backbone):
+    """A CLIP model whose classifier is the text embeddings of the class names' prompts."""
+
+    tokenizer: Callable[..., torch.Tensor] | None = None
+    template: str = DEFAULT_TEMPLATE
+    input_adapter: ClipInput | None = None
+
+    def classifier(self, class_names: Sequence[str]) -> nn.Module:
+        from clbench.models import ClipClassifier
+
+        assert self.tokenizer is not None
+        return ClipClassifier(
+            self.module,
+            self.tokenizer,
+            class_names,
+            template=self.template,
+            input_adapter=self.input_adapter,
+        )
+
+
 def _clip_backbone(
     name: str,
     model: nn.Module,
@@ -97,22 +118,20 @@ def _clip_backbone(
     template: str,
     adapter: ClipInput,
     source: str,
-) -> Backbone:
-    """A :class:`Backbone` of kind "clip" around an open_clip model."""
+) -> ClipBackbone:
+    """A :class:`ClipBackbone` around an open_clip model."""
     size = adapter.image_size
-    return Backbone(
+    return ClipBackbone(
         name=name,
         module=model,
         feature_dim=int(model.visual.output_dim),
         input_shape=(3, size, size),
         source=source,
-        meta={
-            "kind": "clip",
-            "tokenizer": tokenizer,
-            "template": template,
-            "input_adapter": adapter,
-            "input_shapes": adapter.input_shapes(),
-        },
+        input_shapes=tuple(adapter.input_shapes()),
+        stem="visual.conv1",
+        tokenizer=tokenizer,
+        template=template,
+        input_adapter=adapter,
     )
 
 
@@ -134,7 +153,6 @@ class ClipTinyConfig:
         _check_template(self.template)
 
 
-@BACKBONES.register("clip_tiny")
 def clip_tiny(cfg: ClipTinyConfig) -> Backbone:
     """Tiny randomly initialised open_clip CLIP (offline), 16x16 grey or RGB input."""
     import open_clip
@@ -194,7 +212,6 @@ def _load_error(cfg: ClipViTB16Config, e: Exception) -> ClbenchError:
     )
 
 
-@BACKBONES.register("clip_vit_b16")
 def clip_vit_b16(cfg: ClipViTB16Config) -> Backbone:
     """open_clip ViT-B/16 with real weights (a pretrained tag or a local file)."""
     import open_clip

@@ -9,7 +9,6 @@ from clbench.backbones.base import Backbone
 from clbench.backbones.micro_vit import MICRO_VIT_ARCH, build_micro_vit
 from clbench.errors import ClbenchError
 from clbench.pretrain.train import DEFAULT_STEPS, ensure_pretrained, load_micro_vit
-from clbench.registry import BACKBONES
 
 
 @dataclass
@@ -22,7 +21,6 @@ class MicroViTConfig:
     pretrain_steps: int = DEFAULT_STEPS
 
 
-@BACKBONES.register("micro_vit")
 def micro_vit(cfg: MicroViTConfig, progress: bool = True) -> Backbone:
     """timm VisionTransformer, 16x16 grey input, ViT-B/16 module names (offline weights)."""
     if cfg.pretrained == "none":
@@ -50,11 +48,8 @@ def micro_vit(cfg: MicroViTConfig, progress: bool = True) -> Backbone:
         feature_dim=int(module.num_features),
         input_shape=(arch["in_chans"], arch["img_size"], arch["img_size"]),
         source=source,
+        stem="patch_embed",
     )
 
 
 micro_vit.Config = MicroViTConfig  # type: ignore[attr-defined]
-
-# The registry imports this module for the built-in backbones: register the others too.
-import clbench.backbones.clip  # noqa: E402
-import clbench.backbones.wideresnet  # noqa: E402, F401

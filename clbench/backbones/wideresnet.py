@@ -20,7 +20,6 @@ from torch import nn
 
 from clbench.backbones.base import Backbone
 from clbench.errors import ClbenchError
-from clbench.registry import BACKBONES
 
 
 class BasicBlock(nn.Module):
@@ -164,16 +163,15 @@ class WideResNetConfig:
             )
 
 
-@BACKBONES.register("wideresnet")
 def wideresnet(cfg: WideResNetConfig) -> Backbone:
     """CIFAR WideResNet with BatchNorm (RobustBench names); a local checkpoint or random init."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         model = WideResNet(cfg.depth, cfg.widen_factor, cfg.num_classes, in_chans=cfg.in_chans)
-    meta: dict = {"input_shapes": [(cfg.in_chans, None, None)]}
+    head = None
     if cfg.checkpoint:
         load_robustbench_state(model, cfg.checkpoint)
-        meta["head"] = model.fc  # the checkpoint classifies: it is the source model
+        head = model.fc  # the checkpoint classifies: it is the source model
         source = str(Path(cfg.checkpoint).expanduser())
     else:
         source = f"random-init(seed={cfg.init_seed})"
@@ -184,7 +182,9 @@ def wideresnet(cfg: WideResNetConfig) -> Backbone:
         feature_dim=model.num_features,
         input_shape=(cfg.in_chans, cfg.img_size, cfg.img_size),
         source=source,
-        meta=meta,
+        input_shapes=((cfg.in_chans, None, None),),
+        stem="conv1",
+        head=head,
     )
 
 

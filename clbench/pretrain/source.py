@@ -60,7 +60,7 @@ def source_classifier(backbone: Backbone, scenario: Any, progress: bool = True) 
     """The scenario's source model on ``backbone``: loaded, cached or trained (eval mode)."""
     n_classes = len(scenario.class_names)
     model = ClassifierModel(backbone.module, backbone.feature_dim)
-    head = backbone.meta.get("head")
+    head = backbone.head
     if head is not None:
         if head.out_features != n_classes:
             raise ClbenchError(
@@ -70,15 +70,16 @@ def source_classifier(backbone: Backbone, scenario: Any, progress: bool = True) 
         model.head.fc = head
         return model.eval()
     streams = scenario.benchmark.streams
-    recipe = scenario.meta.get("source_recipe")
-    if "source" not in streams or recipe is None:
+    source_recipe = getattr(scenario.stream, "source", None)
+    if "source" not in streams or source_recipe is None:
         raise ClbenchError(
             f"scenario {scenario.name} has no source data to train a source model on; give a "
             "backbone loaded from a classifier checkpoint (e.g. backbone=wrn_28_10 "
             "backbone.checkpoint=PATH)"
         )
     model.head.grow(n_classes)
-    path = _cache_path(backbone, scenario.meta["source_id"], recipe)
+    recipe = source_recipe.as_dict()
+    path = _cache_path(backbone, source_recipe.data_id, recipe)
     if path.is_file():
         model.load_state_dict(load_file(str(path)), strict=True)
         return model.eval()
@@ -111,7 +112,7 @@ def source_classifier(backbone: Backbone, scenario: Any, progress: bool = True) 
         "format": "clbench.source_model/1",
         "backbone": backbone.name,
         "backbone_source": backbone.source,
-        "source": scenario.meta["source_id"],
+        "source": source_recipe.data_id,
         "recipe": json.dumps(recipe, sort_keys=True),
         "train_accuracy": f"{accuracy:.4f}",
     }

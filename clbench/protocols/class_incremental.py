@@ -1,24 +1,36 @@
-"""The class-incremental protocol: train on each experience, evaluate on every test experience.
+"""The class-incremental protocol (kind ``class_incremental``): train on each experience,
+evaluate on every test experience.
 
 After each training experience the strategy is evaluated on the whole test stream
 (seen and unseen experiences) through Avalanche's eval loop; a plugin records the
-logits so that task-agnostic and task-aware accuracy come from one forward pass.
+logits so that task-agnostic and task-aware accuracy come from one forward pass. The
+run checkpoints after every experience, so a killed run resumes. Metric definitions
+and the toolbox conventions they match: docs/protocols.md ("Class-incremental").
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from clbench import metrics
+from clbench import metrics, plots
+from clbench.config import to_container
 from clbench.errors import ClbenchError
+from clbench.progress import ProgressPlugin
+from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
+from clbench.record import RunRecord
 from clbench.scenarios.base import Scenario
+from clbench.seeding import rng_state, set_rng_state
 from clbench.strategies.base import CLStrategy, mask_logits
 
 NAN = float("nan")
@@ -78,6 +90,8 @@ class ClassIncrementalResult:
     #: and per prediction made; NaN when the backbone has no recognised stem
     passes_per_train_sample: float = NAN
     passes_per_prediction: float = NAN
+    #: experiences finished before this run resumed from a checkpoint (None: not resumed)
+    resumed_after: int | None = None
 
     def metrics(self) -> dict[str, float]:
         out = metrics.class_incremental_summary(
@@ -100,12 +114,14 @@ def run_class_incremental(
     *,
     resume_from: ClassIncrementalResult | None = None,
     on_checkpoint: Callable[[int, ClassIncrementalResult], None] | None = None,
+    stems: list[torch.nn.Module] | None = None,
 ) -> ClassIncrementalResult:
     """Run ``strategy`` over ``scenario`` and return the accuracy matrices.
 
     ``on_checkpoint(t, result)`` is called after experience ``t`` is trained and evaluated
     (the strategy's protocol plugins detached); ``resume_from`` is such a result: its
-    finished experiences are skipped.
+    finished experiences are skipped. ``stems`` are the modules whose forward counts one
+    backbone pass per sample (``Backbone.pass_modules``); none: passes are not counted.
     """
     recorder = PredictionRecorder(scenario.classes_per_experience)
     test_stream = scenario.test_stream
@@ -117,7 +133,7 @@ def run_class_incremental(
     start = len(res.accuracy_matrix)
     strategy.plugins.append(recorder)
 
-    passes = BackbonePasses(strategy.model)
+    passes = BackbonePasses(stems or [])
     train_samples = eval_samples = train_passes = eval_passes = 0
 
     def evaluate() -> tuple[list[float], list[float]]:
@@ -175,17 +191,13 @@ def run_class_incremental(
 
 
 class BackbonePasses:
-    """Counts the samples that go through the image tower's stem: every timm
-    ``patch_embed`` and open_clip ``visual.conv1`` of ``model`` (one pass of a ViT image
-    tower = one sample through its stem, so a prompt learner's query pass counts too)."""
+    """Counts the samples that go through the backbone's stem (``Backbone.stem``: one pass
+    of a ViT image tower = one sample through its patch embedding, so a prompt learner's
+    query pass counts too)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, stems: list[torch.nn.Module]) -> None:
         self.count = 0
-        self.stems = [
-            m
-            for name, m in model.named_modules()
-            if name.endswith("patch_embed") or name.endswith("visual.conv1")
-        ]
+        self.stems = stems
         self.found = bool(self.stems)
         self.handles: list[Any] = []
         self.attach()
@@ -224,3 +236,220 @@ class StepCounter(SupervisedPlugin):
                 f"{strategy.experience.current_experience}, step {self.count}; "
                 "lower strategy.lr or check the data"
             )
+
+
+HEADLINE = (
+    "final_accuracy",
+    "final_accuracy_task_avg",
+    "average_incremental_accuracy",
+    "forgetting",
+    "bwt",
+    "fwt",
+    "plasticity",
+)
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_INFO = "checkpoint.json"
+
+
+class ClassIncremental(Protocol):
+    """Class-incremental learning: the accuracy matrix over training experiences."""
+
+    kind = "class_incremental"
+    learner = CLStrategy
+    resumable = True
+    record_fields = (
+        "classes_per_experience",
+        "test_sizes",
+        "accuracy_matrix",
+        "accuracy_matrix_task_aware",
+        "initial_accuracy",
+        "initial_accuracy_task_aware",
+    )
+    board = BoardSpec(
+        primary=Column("final_accuracy", "final accuracy"),
+        higher_is_better=True,
+        secondary=(
+            Column("average_incremental_accuracy", "avg incr acc"),
+            Column("forgetting", "forgetting"),
+            Column("task_aware/final_accuracy", "TA final acc"),
+        ),
+        costs=(
+            Column("trainable_params", "trainable params", "efficiency", "max", "count"),
+            Column("seconds_per_step", "s/step", "efficiency", "mean", "ms"),
+            Column("passes_per_prediction", "passes/pred", "efficiency"),
+        ),
+        details=(
+            Column("task_aware/forgetting", "TA forgetting"),
+            Column("inference_params", "inference params", "efficiency", "max", "count"),
+            Column("passes_per_train_sample", "passes/train sample", "efficiency"),
+            Column("peak_rss_mb", "peak RSS MB", "efficiency", "max", "rate"),
+        ),
+        curve="accuracy_seen",
+        curve_title="Accuracy on the seen experiences",
+        curve_x="after experience",
+        curve_y="accuracy on seen classes",
+    )
+
+    def build(self, ctx: RunContext) -> CLStrategy:
+        scenario = ctx.scenario
+        return ctx.strategy_cls(
+            model=ctx.backbone.classifier(scenario.class_names),
+            cfg=ctx.typed["strategy"],
+            seed=ctx.seed,
+            device=ctx.device,
+            plugins=[ProgressPlugin(scenario.num_experiences, enabled=ctx.progress)],
+            in_memory=scenario.in_memory,
+            n_experiences=scenario.num_experiences,
+        )
+
+    def run(
+        self,
+        ctx: RunContext,
+        learner: CLStrategy,
+        resumed: ClassIncrementalResult | None = None,
+    ) -> ClassIncrementalResult:
+        def on_step(t: int, agnostic: list[float], aware: list[float]) -> None:
+            if ctx.progress:
+                seen = " ".join(f"{a:.3f}" for a in agnostic[: t + 1])
+                print(
+                    f"  after experience {t + 1}: accuracy on seen experiences {seen}",
+                    file=sys.stderr,
+                )
+
+        def on_checkpoint(t: int, result: ClassIncrementalResult) -> None:
+            save_checkpoint(ctx, learner, result)
+
+        result = run_class_incremental(
+            ctx.scenario,
+            learner,
+            on_step=on_step,
+            resume_from=resumed,
+            on_checkpoint=on_checkpoint if ctx.checkpoint else None,
+            stems=ctx.backbone.pass_modules(learner.model),
+        )
+        result.resumed_after = None if resumed is None else resumed.resumed_after
+        return result
+
+    def resume(self, ctx: RunContext) -> tuple[CLStrategy, ClassIncrementalResult]:
+        return load_checkpoint(ctx)
+
+    def record(
+        self, ctx: RunContext, learner: CLStrategy, result: ClassIncrementalResult
+    ) -> RecordPart:
+        steps_total = sum(result.train_steps)
+        train_total = sum(result.train_seconds)
+        per_step = []
+        for t, row in enumerate(result.accuracy_matrix):
+            sizes = result.test_sizes[: t + 1]
+            seen = sum(a * n for a, n in zip(row[: t + 1], sizes, strict=True)) / sum(sizes)
+            per_step.append(
+                {
+                    "accuracy_seen": seen,
+                    "accuracy_current": row[t],
+                    "train_seconds": result.train_seconds[t],
+                }
+            )
+        fields: dict[str, Any] = {
+            "classes_per_experience": result.classes_per_experience,
+            "test_sizes": result.test_sizes,
+            "accuracy_matrix": result.accuracy_matrix,
+            "accuracy_matrix_task_aware": result.accuracy_matrix_task_aware,
+            "initial_accuracy": result.initial_accuracy,
+            "initial_accuracy_task_aware": result.initial_accuracy_task_aware,
+        }
+        if result.resumed_after is not None:
+            fields["resumed_after_experience"] = result.resumed_after
+        return RecordPart(
+            metrics=result.metrics(),
+            steps=per_step,
+            efficiency={
+                "trainable_params": max(result.trainable_params),
+                "inference_params": learner.num_inference_parameters(),
+                "train_steps": steps_total,
+                "seconds_per_step": train_total / max(steps_total, 1),
+                "passes_per_train_sample": result.passes_per_train_sample,
+                "passes_per_prediction": result.passes_per_prediction,
+                "train_seconds": train_total,
+                "eval_seconds": sum(result.eval_seconds),
+            },
+            fields=fields,
+        )
+
+    def plots(self, record: RunRecord, run_dir: Path) -> list[Path]:
+        title = f"{record.strategy} on {record.scenario} (seed {record.seed})"
+        heatmap, curve = run_dir / "accuracy_matrix.png", run_dir / "accuracy_curve.png"
+        plots.accuracy_heatmap(record["accuracy_matrix"], heatmap, title)
+        plots.accuracy_curve([s["accuracy_seen"] for s in record.steps], curve, title)
+        return [heatmap, curve]
+
+    def summary(self, record: RunRecord) -> str:
+        """The accuracy matrix and the headline metrics as text."""
+        a = record["accuracy_matrix"]
+        n = len(a[0])
+        lines = ["accuracy matrix R[t][i] (rows: after experience t, columns: test experience i)"]
+        lines.append("      " + " ".join(f"{j + 1:>6}" for j in range(n)))
+        for i, row in enumerate(a):
+            lines.append(f"{i + 1:>5} " + " ".join(f"{v:6.3f}" for v in row))
+        lines += metric_lines(record.metrics, HEADLINE)
+        e = record.efficiency
+        lines.append(f"{'trainable params':>30}: {e['trainable_params']}")
+        lines.append(f"{'train seconds':>30}: {e['train_seconds']:.1f}")
+        return "\n".join(lines)
+
+    def finished(self, run_dir: Path) -> None:
+        for name in (CHECKPOINT, CHECKPOINT_INFO):  # finished: the record is the result
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def save_checkpoint(ctx: RunContext, strategy: CLStrategy, result: ClassIncrementalResult) -> None:
+    """Atomically write the learner state after an experience (then a small JSON beside it)."""
+    done = len(result.accuracy_matrix)
+    state = {
+        "format": 1,
+        "config": to_container(ctx.cfg),
+        "experiences_done": done,
+        "strategy": strategy,  # the model, adapters and method state travel with it
+        "result": result,
+        "rng": rng_state(),
+        "sweep_id": ctx.sweep_id,
+    }
+    tmp = ctx.run_dir / f".{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, ctx.run_dir / CHECKPOINT)
+    info = {"experiences_done": done, "of": len(result.test_sizes)}
+    (ctx.run_dir / CHECKPOINT_INFO).write_text(json.dumps(info) + "\n")
+
+
+def load_checkpoint(ctx: RunContext) -> tuple[CLStrategy, ClassIncrementalResult]:
+    """The strategy and results so far of ``ctx.run_dir``'s checkpoint; RNGs restored and
+    ``ctx.sweep_id`` set from it.
+
+    The checkpoint is a pickle: resume only run directories you made yourself.
+    """
+    run_dir = ctx.run_dir
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        if (run_dir / "results.json").is_file():
+            raise ClbenchError(f"nothing to resume: {run_dir} has finished (results.json)")
+        raise ClbenchError(
+            f"nothing to resume in {run_dir}: no checkpoint (the run stopped before its "
+            "first experience ended); start it again"
+        )
+    state = torch.load(path, map_location=ctx.device, weights_only=False)
+    if state.get("config") != to_container(ctx.cfg):
+        raise ClbenchError(
+            f"the checkpoint in {run_dir} was made with another configuration; "
+            "resume with the run's own config (clbench resume RUN_DIR)"
+        )
+    strategy = state["strategy"]
+    keep = [p for p in strategy.plugins if not isinstance(p, ProgressPlugin)]
+    progress = ProgressPlugin(ctx.scenario.num_experiences, enabled=ctx.progress)
+    strategy.plugins = [progress, *keep]
+    strategy.device = ctx.device
+    strategy.model.to(ctx.device)
+    set_rng_state(state["rng"])
+    ctx.sweep_id = state.get("sweep_id")
+    result: ClassIncrementalResult = state["result"]
+    result.resumed_after = len(result.accuracy_matrix)
+    print(f"resuming {run_dir} after experience {state['experiences_done']}", file=sys.stderr)
+    return strategy, result

@@ -1,4 +1,4 @@
-"""The online continual test-time-adaptation protocol (PROTOCOLS.md).
+"""The online continual test-time-adaptation protocol (kind ``test_time``).
 
 One pass over the domain sequence. Each domain's samples are shuffled with a generator
 seeded by the run's seed and cut into test batches; the strategy's prediction for a
@@ -6,22 +6,63 @@ batch is scored when it is made (before anything is learned from a later batch).
 ``continual`` mode the model is reset only before the first domain, in
 ``reset_each_shift`` before every domain. Afterwards the adapted model predicts the
 clean test set (if the scenario has one): how much of the source task is kept.
+Definitions of every reported value: docs/protocols.md ("Continual test-time adaptation").
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from clbench import plots
 from clbench.adapters.tta import SavedTensorMeter, state_bytes
 from clbench.data import materialise
+from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
+from clbench.record import RunRecord
 from clbench.scenarios.base import Scenario
+from clbench.seeding import seed_everything
+from clbench.strategies.tta import TTAStrategy
+
+MODES = ("continual", "reset_each_shift")
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SourceRecipe:
+    """How the source model is trained on the scenario's labelled source stream when the
+    backbone does not come with a classifier (see ``clbench.pretrain.source``)."""
+
+    data_id: str  # names the source data in the cache key
+    epochs: int
+    lr: float
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "lr": self.lr, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class DomainStream:
+    """What the online protocol and the test-time strategies need from a scenario."""
+
+    domains: tuple[str, ...]  # the name of each test experience, in stream order
+    mode: str = "continual"  # continual | reset_each_shift
+    batch_size: int = 64  # test batch
+    value_range: tuple[float, float] = (0.0, 1.0)  # of the model inputs (augmentations clamp)
+    flip_preserves_label: bool = True  # whether a horizontal flip keeps an image's class
+    source: SourceRecipe | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown test-time mode {self.mode!r}; valid: {', '.join(MODES)}")
 
 
 @dataclass
@@ -91,13 +132,12 @@ def run_tta(
     on_domain: Callable[[int, str, float], None] | None = None,
 ) -> TTAResult:
     """Adapt online along the scenario's domains; returns the scored result."""
-    mode = mode or scenario.meta["mode"]
-    batch_size = batch_size or int(scenario.meta["batch_size"])
+    spec: DomainStream = scenario.stream
+    mode = mode or spec.mode
+    batch_size = batch_size or spec.batch_size
     stream = list(scenario.test_stream)
-    domains = list(scenario.meta["domains"])
-    result = TTAResult(
-        mode=mode, domains=domains, domain_sizes=[len(e.dataset) for e in stream]
-    )
+    domains = list(spec.domains)
+    result = TTAResult(mode=mode, domains=domains, domain_sizes=[len(e.dataset) for e in stream])
     clean = None
     if "clean" in scenario.benchmark.streams:
         clean = scenario.benchmark.streams["clean"][0].dataset
@@ -135,3 +175,101 @@ def run_tta(
             strategy, clean, batch_size, scenario.in_memory
         )
     return result
+
+
+class TestTimeAdaptation(Protocol):
+    """Continual test-time adaptation: online error along a stream of shifted domains."""
+
+    __test__ = False  # not a pytest test class
+    kind = "test_time"
+    learner = TTAStrategy
+    record_fields = ("mode", "domains", "domain_sizes", "online_error", "method_stats")
+    board = BoardSpec(
+        primary=Column("mean_online_error", "mean online error"),
+        higher_is_better=False,
+        secondary=(Column("clean_accuracy_after", "clean acc after"),),
+        costs=(
+            Column("trainable_params", "trainable params", "efficiency", "max", "count"),
+            Column("images_per_second", "images/s", "efficiency", "mean", "rate"),
+            Column("adapt_memory_mb", "adapt memory MiB", "efficiency"),
+        ),
+        details=(
+            Column("backward_cache_mb", "backward cache MiB", "efficiency"),
+            Column("state_mb", "state MiB", "efficiency"),
+        ),
+        curve="online_error",
+        curve_title="Online error per domain",
+        curve_x="domain (stream order)",
+        curve_y="online error",
+    )
+
+    def build(self, ctx: RunContext) -> TTAStrategy:
+        from clbench.pretrain.source import source_classifier
+
+        model = source_classifier(ctx.backbone, ctx.scenario, progress=ctx.progress)
+        seed_everything(ctx.seed)  # a source model trained just now must not shift it
+        strategy = ctx.strategy_cls(
+            model=model,
+            cfg=ctx.typed["strategy"],
+            seed=ctx.seed,
+            device=ctx.device,
+            stream=ctx.scenario.stream,
+        )
+        t0 = time.perf_counter()
+        source = ctx.scenario.benchmark.streams.get("source")
+        strategy.setup(source[0].dataset if source is not None else None)
+        strategy.setup_seconds = time.perf_counter() - t0
+        return strategy
+
+    def run(self, ctx: RunContext, learner: TTAStrategy, resumed: Any = None) -> TTAResult:
+        def on_domain(t: int, domain: str, error: float) -> None:
+            if ctx.progress:
+                print(f"  domain {t + 1:>2} {domain:<22} online error {error:.3f}", file=sys.stderr)
+
+        return run_tta(ctx.scenario, learner, seed=ctx.seed, on_domain=on_domain)
+
+    def record(self, ctx: RunContext, learner: TTAStrategy, result: TTAResult) -> RecordPart:
+        images = sum(result.domain_sizes)
+        return RecordPart(
+            metrics=result.metrics(),
+            steps=[{"online_error": e} for e in result.online_error],
+            efficiency={
+                "trainable_params": learner.num_trainable_parameters(),
+                "inference_params": learner.num_inference_parameters(),
+                "adapt_steps": result.steps,
+                "adapt_seconds": result.adapt_seconds,
+                "seconds_per_step": result.adapt_seconds / max(result.steps, 1),
+                "images_per_second": images / max(result.adapt_seconds, 1e-9),
+                "setup_seconds": getattr(learner, "setup_seconds", 0.0),
+                "backward_cache_mb": result.backward_cache_bytes / MB,
+                "state_mb": result.state_bytes / MB,
+                "adapt_memory_mb": (result.backward_cache_bytes + result.state_bytes) / MB,
+                "cuda_peak_mb": None
+                if result.cuda_peak_bytes is None
+                else result.cuda_peak_bytes / MB,
+            },
+            fields={
+                "mode": result.mode,
+                "domains": result.domains,
+                "domain_sizes": result.domain_sizes,
+                "online_error": result.online_error,
+                "method_stats": learner.stats(),
+            },
+        )
+
+    def plots(self, record: RunRecord, run_dir: Path) -> list[Path]:
+        title = f"{record.strategy} on {record.scenario} (seed {record.seed})"
+        path = run_dir / "online_error.png"
+        plots.online_error_bars(record["domains"], record["online_error"], path, title)
+        return [path]
+
+    def summary(self, record: RunRecord) -> str:
+        """Online error per domain, the mean, clean accuracy kept, and the cost."""
+        lines = [f"online error per domain ({record['mode']})"]
+        for d, e in zip(record["domains"], record["online_error"], strict=True):
+            lines.append(f"  {d:<24} {e:.4f}")
+        lines += metric_lines(record.metrics)
+        e = record.efficiency
+        lines.append(f"{'images per second':>30}: {e['images_per_second']:.1f}")
+        lines.append(f"{'adaptation memory (MiB)':>30}: {e['adapt_memory_mb']:.2f}")
+        return "\n".join(lines)
