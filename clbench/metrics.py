@@ -1,4 +1,7 @@
-"""Class-incremental metrics: pure functions of an accuracy matrix (PROTOCOLS.md).
+"""Class-incremental metrics: pure functions of an accuracy matrix.
+
+Definitions and the toolbox conventions they match: docs/protocols.md
+("Class-incremental metrics").
 
 ``R[t][i]`` is the accuracy on test experience ``i`` after training experience ``t``
 (0-based, ``T`` experiences, test experience ``i`` holds the classes of training

@@ -1,7 +1,8 @@
 """The 15 common corruptions at 5 severities (Hendrycks & Dietterich, ICLR 2019), batched.
 
 A re-implementation of ``make_cifar_c.py`` in numpy / scipy / Pillow (no ImageMagick, no
-OpenCV, no downloads) with the CIFAR-resolution (32 x 32) parameters of PROTOCOLS.md.
+OpenCV, no downloads) with the CIFAR-resolution (32 x 32) parameters listed in
+docs/protocols.md ("Corruptions").
 Every function takes a batch ``x`` of uint8 images (N, H, W, C) (C = 1 or 3), a
 severity 1..5 and a ``numpy.random.Generator`` and returns uint8 images of the same
 shape: the same seed gives the same output. Work is vectorised over the batch (the
@@ -32,7 +33,7 @@ from PIL import Image
 from scipy import fft as sp_fft
 from scipy import ndimage
 
-#: the standard order of the continual stream (PROTOCOLS.md)
+#: the standard order of the continual stream (docs/protocols.md)
 CORRUPTIONS = (
     "gaussian_noise",
     "shot_noise",

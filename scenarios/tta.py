@@ -9,7 +9,8 @@
   by our corruption library from a torchvision CIFAR root (``cifar_root``).
 - ``imagenet_c``: the ImageNet-C folder layout (images read lazily, resized to 224).
 
-The stream (PROTOCOLS.md): the corruptions in the standard order at one severity; or
+The stream (docs/protocols.md, "Stream variants"): the corruptions in the standard order at
+one severity; or
 ``gradual``, each corruption passing through ``gradual_severities``; or ``mixed``, every
 domain's samples in one shuffled domain. ``mode`` is ``continual`` (reset only before the
 first domain) or ``reset_each_shift``; it is part of the scenario's name, so boards never

@@ -1,5 +1,5 @@
-"""Mixtures of rank and adapter experts (METHODS.md, "Mixture-of-rank / mixture-of-adapter
-experts"), built from ``clbench.adapters.experts``:
+"""Mixtures of rank and adapter experts (docs/methods.md, "Expert mixtures"), built from
+``clbench.adapters.experts``:
 
 - ``mora``: MoRA ("Little by Little"): each task adds rank-1 LoRA experts to the target
   linears, earlier ones frozen; every expert scores itself from its own activation, and a

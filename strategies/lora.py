@@ -1,4 +1,4 @@
-"""LoRA-family learners on a frozen backbone (METHODS.md, "LoRA family").
+"""LoRA-family learners on a frozen backbone (docs/methods.md, "LoRA family").
 
 All of them are built from the shared blocks in ``clbench.adapters.lora``:
 

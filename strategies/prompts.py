@@ -1,4 +1,4 @@
-"""Prompt learners on a frozen ViT (METHODS.md, "Prompt learners").
+"""Prompt learners on a frozen ViT (docs/methods.md, "Prompt learners").
 
 Built from the shared prompt path in ``clbench.adapters.prompts``; each needs a query, the
 frozen ViT's CLS feature of the input (one extra backbone pass per prediction, memoised

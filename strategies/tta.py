@@ -5,7 +5,7 @@ Test-time strategies follow a small interface (Avalanche has no test-time templa
 batch and learns from it, ``predict(x)`` predicts without learning, ``reset()`` returns
 to the exact source state (weights, teacher, optimizer and method state). They work on a
 :class:`~clbench.models.ClassifierModel` whose head already classifies (the source model).
-Defaults are the official code's (METHODS.md); each YAML in conf/strategy/ names its source.
+Defaults are the official code's (docs/methods.md); each YAML in conf/strategy/ names its source.
 """
 
 from __future__ import annotations

@@ -33,3 +33,21 @@ def only_run_dir(root: Path) -> Path:
     found = sorted(p.parent for p in root.rglob("results.json"))
     assert len(found) == 1, found
     return found[0]
+
+
+def clbench_with(args: list[str], pythonpath: Path, cwd: Path):
+    """``clbench ARGS`` in a fresh interpreter with ``pythonpath`` on its path (where a test
+    put a fake installed distribution); returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from clbench.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(pythonpath)},
+        timeout=300,
+    )

@@ -1,4 +1,4 @@
-"""Metrics on hand-computed matrices (PROTOCOLS.md definitions)."""
+"""Metrics on hand-computed matrices (docs/protocols.md definitions)."""
 
 import math
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
+
+from helpers import clbench_with
 
 TOY_KIND = '''
 """A third-party scenario kind: majority-vote chunks (a toy, for the plug-in test)."""
@@ -139,15 +139,7 @@ def _install(root: Path) -> None:
 
 
 def _clbench(args: list[str], root: Path, cwd: Path) -> subprocess.CompletedProcess:
-    code = "import sys; from clbench.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        timeout=300,
-    )
+    return clbench_with(args, root, cwd)
 
 
 def test_a_third_party_scenario_kind_runs_end_to_end_and_gets_its_board(tmp_path):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from helpers import FAST
+from helpers import FAST, clbench_with
 
 PLUGIN = '''
 """A tiny external strategy package."""
@@ -45,17 +44,8 @@ def _install_fake_distribution(root: Path) -> None:
     )
 
 
-def _clbench(args: list[str], plugin_root: Path, cwd: Path) -> subprocess.CompletedProcess:
-    code = "import sys; from clbench.cli import main; sys.exit(main(sys.argv[1:]))"
-    env_path = str(plugin_root)
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**__import__("os").environ, "PYTHONPATH": env_path},
-        timeout=300,
-    )
+def _clbench(args: list[str], root: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return clbench_with(args, root, cwd)
 
 
 def test_entry_point_strategy_is_listed_and_runnable(tmp_path):

@@ -1,5 +1,4 @@
-"""Mixtures of experts for continual learning (METHODS.md, "Mixture-of-rank / mixture-of-
-adapter experts").
+"""Mixtures of experts for continual learning (docs/methods.md, "Expert mixtures").
 
 - :class:`MoRALinear`: MoRA ("Little by Little"). A :class:`~clbench.adapters.lora.LoRALinear`
   whose rank-1 components ``B_i A_i`` (over every block, i.e. every task) are experts
