@@ -73,6 +73,7 @@ def main(roots: list[str]) -> None:
     for root in roots:
         for path in sorted(Path(root).rglob("results.json")):
             r = RunRecord.load(path)
+            r.require(protocol_for(r.kind, r.scenario).record_fields, str(path))
             kinds[r.kind][(r.scenario, r.backbone, r.strategy)][r.seed] = r
     for kind in sorted(kinds):
         table(kind, kinds[kind])

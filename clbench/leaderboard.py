@@ -96,7 +96,9 @@ def read_runs(uri: str | None, experiment: str) -> list[TrackedRun]:
                 except Exception:  # a run not made by clbench (no record): not a board entry
                     continue
                 text = Path(path).read_text()
-                record = RunRecord.loads(text, f"results.json of MLflow run {rid}")
+                source = f"results.json of MLflow run {rid}"
+                record = RunRecord.loads(text, source)
+                record.require(protocol_for(record.kind, record.scenario).record_fields, source)
                 out.append(TrackedRun(rid, int(run.info.start_time or 0), record))
     return out
 

@@ -101,3 +101,16 @@ def test_publish_of_a_malformed_tracked_record_is_one_line(finished, tmp_path, c
         "numbers, got 'lost'"
     ]
     assert not (tmp_path / "b").exists()
+
+
+def test_a_record_missing_a_field_of_its_kind_is_one_line(finished, tmp_path):
+    path = _broken(finished, tmp_path, accuracy_matrix=None)
+    record = RunRecord.load(path)  # the common fields are fine
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "summarize_runs.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and record.kind == "class_incremental"
+    assert done.stderr.strip() == (
+        f"error: {path}: field 'accuracy_matrix' is missing (a class_incremental record)"
+    )

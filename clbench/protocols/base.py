@@ -125,7 +125,8 @@ class Protocol:
     board: ClassVar[BoardSpec]
     #: whether a killed run continues with ``clbench resume``
     resumable: ClassVar[bool] = False
-    #: the kind's own top-level fields of results.json (checked when a record is read)
+    #: the kind's own top-level fields of results.json (the leaderboard and
+    #: summarize_runs check them when they read a record)
     record_fields: ClassVar[tuple[str, ...]] = ()
 
     def check_strategy(self, name: str, strategy_cls: type) -> None:
