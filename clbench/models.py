@@ -24,7 +24,28 @@ def empty_linear(in_features: int) -> nn.Linear:
         return nn.Linear(in_features, 0)
 
 
-class IncrementalHead(nn.Module):
+class GrowingHead(nn.Module):
+    """A head whose classes grow (``num_classes``, ``grow``, ``reset``); its shape is the
+    number of classes, which a checkpoint records (``clbench.adapters.state``)."""
+
+    num_classes: int
+
+    def grow(self, num_classes: int) -> bool:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def structure(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes}
+
+    def restore_structure(self, spec: dict[str, Any]) -> None:
+        if self.num_classes != spec["num_classes"]:
+            self.reset()
+            self.grow(int(spec["num_classes"]))
+
+
+class IncrementalHead(GrowingHead):
     """A linear head whose output units grow as classes arrive (old units are kept)."""
 
     def __init__(self, in_features: int) -> None:
@@ -68,7 +89,7 @@ class ClassifierModel(nn.Module):
         return self.head(self.backbone(x))
 
 
-class TextHead(nn.Module):
+class TextHead(GrowingHead):
     """The prompts of the classes seen so far, tokenised; the "weights" are their embeddings.
 
     Class ``i`` is ``class_names[i]`` formatted into ``template``; growing to ``n`` classes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,22 +22,36 @@ def derived_generator(*parts: int) -> torch.Generator:
     return g
 
 
-def rng_state() -> dict:
-    """Every global RNG's state (python, numpy, torch CPU and CUDA) for a checkpoint."""
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+def rng_state() -> dict[str, Any]:
+    """Every global RNG's state (python, numpy, torch CPU and CUDA) as data: JSON values
+    and tensors (:mod:`clbench.statefile`), never pickled objects."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss"]))
+    n = state["numpy"]
+    keys = np.asarray(n["keys"].cpu().numpy(), dtype=np.uint32)
+    np.random.set_state(
+        (str(n["kind"]), keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached_gaussian"]))
+    )
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu().to(torch.uint8) for t in state["cuda"]])

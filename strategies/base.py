@@ -24,6 +24,7 @@ from avalanche.training.templates import SupervisedTemplate
 from clbench.strategies.learner import OPTIMIZERS, Learner
 from torch import nn
 
+from clbench.adapters.state import decode_refs, encode_refs, restore_structure, structure_of
 from clbench.checks import check_choice, check_positive, check_range
 from clbench.data import TensorBatches, materialise
 from clbench.models import ClassifierModel
@@ -175,26 +176,53 @@ class CLStrategy(Learner, SupervisedTemplate):
         return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
     # ------------------------------------------------------------ checkpoint
-    #: per-batch / per-experience state Avalanche rebuilds when training starts: not
-    #: part of a checkpoint (it would hold whole datasets)
-    TRANSIENT: ClassVar[tuple[str, ...]] = (
-        "experience",
-        "adapted_dataset",
-        "dataloader",
-        "mbatch",
-        "mb_output",
-        "loss",
-        "optimizer",
-        "current_eval_stream",
-        "_eval_streams",
-    )
+    #: the strategy's own attributes (beyond its model) that a checkpoint carries: JSON
+    #: values, tensors, the model's modules and parameters (saved by name), other
+    #: parameters, and lists / string-keyed dicts of these. A strategy whose state is not
+    #: of that form overrides :meth:`extra_state` / :meth:`load_extra_state` instead.
+    STATE: ClassVar[tuple[str, ...]] = ()
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for key in self.TRANSIENT:
-            if key in state:
-                state[key] = None
-        return state
+    def extra_state(self) -> dict[str, Any]:
+        """The method state beyond the model's tensors and shape (default: ``STATE``)."""
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned (default: set the attributes)."""
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to continue after the current experience, as data: the
+        model's shape and tensors, which parameters train, the classes seen, Avalanche's
+        clock and :meth:`extra_state` (see :mod:`clbench.statefile`)."""
+        model = self.model
+        return {
+            "structure": structure_of(model),
+            "model": dict(model.state_dict()),
+            "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+            "seen_classes": list(self.seen_classes),
+            "current_classes": list(self.current_classes),
+            "epoch_counter": self._epoch_counter,
+            "clock": dict(vars(self.clock)),
+            "extra": encode_refs(self.extra_state(), model),
+        }
+
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Put this strategy, freshly built from the run's config, in the state
+        :meth:`checkpoint_state` saved."""
+        model = self.model
+        restore_structure(model, state["structure"])
+        model.to(self.device)
+        model.load_state_dict(state["model"], strict=True)
+        trainable = set(state["trainable"])
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trainable)
+        self.seen_classes = [int(c) for c in state["seen_classes"]]
+        self.current_classes = [int(c) for c in state["current_classes"]]
+        self._epoch_counter = int(state["epoch_counter"])
+        for key, value in state["clock"].items():
+            setattr(self.clock, key, value)
+        self.load_extra_state(decode_refs(state["extra"], model))
 
 
 def silent_evaluator() -> EvaluationPlugin:

@@ -49,16 +49,20 @@ class Joint(CLStrategy):
     Config = JointConfig
     cfg: JointConfig
 
+    # the initial weights each step restarts from, and the ids of the experiences seen
+    STATE = ("_initial_state", "_seen_experiences")
+
     def __init__(self, *, model: ClassifierModel, cfg: JointConfig, **kwargs: Any) -> None:
         super().__init__(model=model, cfg=cfg, **kwargs)
-        self._initial_state = copy.deepcopy(model.state_dict())
-        self._seen_datasets: list[Any] = []
+        self._initial_state = copy.deepcopy(dict(model.state_dict()))
+        self._seen_experiences: list[int] = []
 
     def train_dataset_adaptation(self, **kwargs: Any) -> None:
-        self._seen_datasets.append(self.experience.dataset)
-        data = self._seen_datasets[0]
-        for d in self._seen_datasets[1:]:
-            data = data.concat(d)
+        stream = self.experience.origin_stream
+        self._seen_experiences.append(int(self.experience.current_experience))
+        data = stream[self._seen_experiences[0]].dataset
+        for i in self._seen_experiences[1:]:
+            data = data.concat(stream[i].dataset)
         self.adapted_dataset = data.train()
 
     def adapt_to_experience(self) -> None:

@@ -120,6 +120,7 @@ class MoEAdapters(CLStrategy):
 
     Config = MoEAdaptersConfig
     cfg: MoEAdaptersConfig
+    STATE = ("task", "frozen_experts")
 
     def prepare_model(self, model: ClassifierModel) -> None:
         c = self.cfg

@@ -54,6 +54,13 @@ class DualGPM:
         self.basis: dict[str, torch.Tensor] = {}
         self.mode: dict[str, str] = {}
 
+    def state(self) -> dict[str, Any]:
+        """The bases and modes as data, for a checkpoint."""
+        return {"basis": dict(self.basis), "mode": dict(self.mode)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.basis, self.mode = dict(state["basis"]), dict(state["mode"])
+
     def project(self, name: str, cov: torch.Tensor) -> torch.Tensor:
         """Covariance restricted to what earlier tasks left free."""
         if name not in self.basis:
@@ -124,9 +131,19 @@ class InfLoRA(LoRAStrategy):
                 "its A_t comes from the task's images, which the text tower never sees"
             )
         model.backbone.requires_grad_(False)
+        root, tower = self.lora_root(model)
+        inject_lora(root, self.cfg.targets, tower)  # wrappers with no block yet: same outputs
         self.new_blocks = []
         self.tasks_seen = 0
         self.gpm = DualGPM()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "gpm": self.gpm.state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.gpm.load_state(state.pop("gpm"))
+        super().load_extra_state(state)
 
     def adapt_to_experience(self) -> None:
         if self.n_experiences is None:

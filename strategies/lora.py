@@ -59,6 +59,7 @@ class LoRAStrategy(CLStrategy):
     Config = LoRAConfig
     cfg: LoRAConfig
     block_kwargs: ClassVar[dict[str, object]] = {}
+    STATE = ("tasks_seen", "new_blocks")
 
     def prepare_model(self, model: ClassifierModel) -> None:
         self.check_tower(model)

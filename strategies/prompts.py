@@ -60,6 +60,7 @@ class PromptStrategy(CLStrategy):
 
     Config = PromptConfig
     cfg: PromptConfig
+    STATE = ("task",)
 
     def prepare_model(self, model: ClassifierModel) -> None:
         vit = vit_of(model)

@@ -53,6 +53,7 @@ class DyRank(LoRAStrategy):
     Config = DyRankConfig
     cfg: DyRankConfig
     block_kwargs: ClassVar[dict[str, object]] = {"gated": True}
+    STATE = (*LoRAStrategy.STATE, "ranks_kept", "_step", "_total_steps")
 
     def prepare_model(self, model: Any) -> None:
         super().prepare_model(model)
@@ -147,7 +148,20 @@ class IncRank(LoRAStrategy):
         super().prepare_model(model)
         # selectors[t][id(block)]: the gate vector s_t restricted to that block
         self.selectors: list[dict[int, torch.nn.Parameter]] = []
-        self._blocks_at_task: list[list[Any]] = []
+
+    def extra_state(self) -> dict[str, Any]:
+        """Adds every task's selector, keyed by its block's name in the model."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        selectors = [{names[i]: p for i, p in s.items()} for s in self.selectors]
+        return {**super().extra_state(), "selectors": selectors}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        modules = dict(self.model.named_modules())
+        self.selectors = [{id(modules[n]): p for n, p in s.items()} for s in state.pop("selectors")]
+        super().load_extra_state(state)
+        if self.selectors:
+            self._use_selector(len(self.selectors) - 1)
 
     def adapt_to_experience(self) -> None:
         super().adapt_to_experience()
@@ -159,9 +173,6 @@ class IncRank(LoRAStrategy):
                 start = 1.0 if id(b) in new_ids else 0.0
                 selector[id(b)] = torch.nn.Parameter(torch.full((b.rank,), start))
         self.selectors.append(selector)
-        self._blocks_at_task.append(
-            [b for layer in self.lora_layers().values() for b in layer.blocks]
-        )
         self._use_selector(t)
 
     def start_new_task(self) -> None:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from clbench.protocols.class_incremental import CHECKPOINT
 from helpers import only_run_dir, results_of, run_cli
 
 ARGS = [
@@ -64,7 +65,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, strategy):
     assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
     assert resumed["accuracy_matrix_task_aware"] == expected["accuracy_matrix_task_aware"]
     assert resumed["metrics"] == expected["metrics"]
-    assert not (run_dir / "checkpoint.pt").exists()  # finished: the checkpoint is gone
+    assert not (run_dir / CHECKPOINT).exists()  # finished: the checkpoint is gone
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
@@ -82,5 +83,5 @@ def test_no_checkpoint_is_kept_after_a_finished_run_or_when_off(tmp_path):
         args = ["run", *ARGS, "scenario.n_experiences=2", f"checkpoint={flag}", f"runs_dir={out}"]
         assert run_cli(args) == 0
         run_dir = only_run_dir(out)
-        assert not (run_dir / "checkpoint.pt").exists()
+        assert not (run_dir / CHECKPOINT).exists()
         assert not (run_dir / "checkpoint.json").exists()

@@ -169,6 +169,15 @@ class AdapterMixture(nn.Module):
         self.register_buffer("counts", torch.zeros(experts))
         self.balance = torch.zeros(())
 
+    def structure(self) -> dict[str, object]:
+        """How many task routers it has, for a checkpoint (``clbench.adapters.state``)."""
+        return {"routers": len(self.routers)}
+
+    def restore_structure(self, spec: dict[str, object]) -> None:
+        while len(self.routers) < int(spec["routers"]):  # type: ignore[call-overload]
+            self.add_router()
+        del self.routers[int(spec["routers"]) :]  # type: ignore[call-overload]
+
     def add_router(self) -> NoisyTopKRouter:
         router = NoisyTopKRouter(self.dim, len(self.experts), self.top_k, self.noisy)
         self.routers.append(router.to(self.counts.device))
@@ -276,6 +285,22 @@ class TaskAutoencoders(nn.Module):
         self.dim, self.hidden = dim, hidden
         self.aes = nn.ModuleList()
 
+    def _new_autoencoder(self) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Linear(self.dim, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.dim)
+        )
+
+    def structure(self) -> dict[str, object]:
+        """How many task autoencoders it has, for a checkpoint (``clbench.adapters.state``)."""
+        return {"autoencoders": len(self.aes)}
+
+    def restore_structure(self, spec: dict[str, object]) -> None:
+        n = int(spec["autoencoders"])  # type: ignore[call-overload]
+        device = next(self.parameters(), torch.zeros(())).device
+        while len(self.aes) < n:
+            self.aes.append(self._new_autoencoder().requires_grad_(False).to(device))
+        del self.aes[n:]
+
     def errors(self, feats: torch.Tensor) -> torch.Tensor:
         """(N, tasks) mean squared reconstruction error of each input under each task's AE."""
         return torch.stack([(ae(feats) - feats).pow(2).mean(-1) for ae in self.aes], dim=1)
@@ -284,9 +309,7 @@ class TaskAutoencoders(nn.Module):
         self, feats: torch.Tensor, steps: int, lr: float, batch: int, generator: torch.Generator
     ) -> float:
         """Train a new task's autoencoder on ``feats`` (frozen); returns its final mean error."""
-        ae = nn.Sequential(
-            nn.Linear(self.dim, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.dim)
-        ).to(feats.device)
+        ae = self._new_autoencoder().to(feats.device)
         opt = torch.optim.Adam(ae.parameters(), lr=lr)
         for _ in range(steps):
             idx = torch.randint(len(feats), (min(batch, len(feats)),), generator=generator)

@@ -82,6 +82,18 @@ class LoRABlock(nn.Module):
         # SD-LoRA: the direction B A enters divided by ||B||_F ||A||_F
         self.normalized = normalized
 
+    def spec(self) -> dict[str, object]:
+        """The block's constructor arguments (its shape and form, no values)."""
+        return {
+            "rank": self.rank,
+            "alpha": self.scale * self.rank,
+            "dropout": float(self.dropout.p) if isinstance(self.dropout, nn.Dropout) else 0.0,
+            "out_slice": None if self.out_slice is None else list(self.out_slice),
+            "gated": self.gate is not None,
+            "magnitude": None if self.magnitude is None else float(self.magnitude),
+            "normalized": self.normalized,
+        }
+
     def _coef(self) -> torch.Tensor | float:
         coef = self.scale if self.magnitude is None else self.scale * self.magnitude
         if self.normalized:
@@ -147,6 +159,27 @@ class LoRALinear(nn.Module):
         block = LoRABlock(self.in_features, self.out_features, rank, alpha, **kwargs)  # type: ignore[arg-type]
         self.blocks.append(block.to(device=w.device, dtype=w.dtype))
         return block
+
+    def structure(self) -> dict[str, object]:
+        """Its blocks' shapes and the merge flag, for a checkpoint (``adapters.state``)."""
+        return {"merged": self.merged, "blocks": [b.spec() for b in self.blocks]}
+
+    def restore_structure(self, spec: dict[str, object]) -> None:
+        """Rebuild the block list to ``spec`` (values come from the checkpoint's tensors)."""
+        blocks = list(spec["blocks"])  # type: ignore[call-overload]
+        if [b.spec() for b in self.blocks] != blocks or self.merged != spec["merged"]:
+            self.blocks = nn.ModuleList()
+            self.merged = False
+            for b in blocks:
+                kw = dict(b)
+                out_slice = kw.pop("out_slice")
+                self.add_block(
+                    int(kw.pop("rank")),
+                    float(kw.pop("alpha")),
+                    out_slice=None if out_slice is None else tuple(out_slice),
+                    **kw,
+                )
+            self.merged = bool(spec["merged"])
 
     def freeze_blocks(self) -> None:
         for b in self.blocks:

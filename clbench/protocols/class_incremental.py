@@ -10,6 +10,7 @@ and the toolbox conventions they match: docs/protocols.md ("Class-incremental").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,9 +24,9 @@ from typing import Any
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from clbench import metrics, plots
+from clbench import metrics, plots, statefile
 from clbench.config import to_container
-from clbench.errors import ClbenchError
+from clbench.errors import ClbenchError, first_line
 from clbench.progress import ProgressPlugin
 from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
 from clbench.record import RunRecord
@@ -233,7 +234,7 @@ class StepCounter(SupervisedPlugin):
         if not math.isfinite(loss):
             raise ClbenchError(
                 f"training loss became {loss} at experience "
-                f"{strategy.experience.current_experience}, step {self.count}; "
+                f"{strategy.experience.current_experience + 1}, step {self.count}; "
                 "lower strategy.lr or check the data"
             )
 
@@ -247,8 +248,10 @@ HEADLINE = (
     "fwt",
     "plasticity",
 )
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_INFO = "checkpoint.json"
+#: what clbench before the data-only checkpoint wrote (a pickle): refused, never loaded
+LEGACY_CHECKPOINT = "checkpoint.pt"
 
 
 class ClassIncremental(Protocol):
@@ -397,59 +400,84 @@ class ClassIncremental(Protocol):
         return "\n".join(lines)
 
     def finished(self, run_dir: Path) -> None:
-        for name in (CHECKPOINT, CHECKPOINT_INFO):  # finished: the record is the result
+        # finished: the record is the result
+        for name in (CHECKPOINT, CHECKPOINT_INFO, LEGACY_CHECKPOINT):
             (run_dir / name).unlink(missing_ok=True)
 
 
 def save_checkpoint(ctx: RunContext, strategy: CLStrategy, result: ClassIncrementalResult) -> None:
-    """Atomically write the learner state after an experience (then a small JSON beside it)."""
+    """Atomically write the run's state after an experience (then a small JSON beside it).
+
+    The checkpoint is data (:mod:`clbench.statefile`: tensors in safetensors, the rest
+    JSON): the strategy's :meth:`~CLStrategy.checkpoint_state`, the results so far,
+    every RNG state and the run's config. Nothing in it is executed on resume.
+    """
     done = len(result.accuracy_matrix)
     state = {
-        "format": 1,
         "config": to_container(ctx.cfg),
         "experiences_done": done,
-        "strategy": strategy,  # the model, adapters and method state travel with it
-        "result": result,
+        "strategy": strategy.checkpoint_state(),
+        "result": dataclasses.asdict(result),
         "rng": rng_state(),
         "sweep_id": ctx.sweep_id,
     }
-    tmp = ctx.run_dir / f".{CHECKPOINT}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, ctx.run_dir / CHECKPOINT)
+    statefile.save(ctx.run_dir / CHECKPOINT, state)
     info = {"experiences_done": done, "of": len(result.test_sizes)}
-    (ctx.run_dir / CHECKPOINT_INFO).write_text(json.dumps(info) + "\n")
+    write_text_atomic(ctx.run_dir / CHECKPOINT_INFO, json.dumps(info) + "\n")
 
 
 def load_checkpoint(ctx: RunContext) -> tuple[CLStrategy, ClassIncrementalResult]:
     """The strategy and results so far of ``ctx.run_dir``'s checkpoint; RNGs restored and
     ``ctx.sweep_id`` set from it.
 
-    The checkpoint is a pickle: resume only run directories you made yourself.
+    The strategy is rebuilt from the run's config, then given the checkpoint's state
+    (:meth:`~CLStrategy.restore_checkpoint_state`).
     """
     run_dir = ctx.run_dir
     path = run_dir / CHECKPOINT
     if not path.is_file():
         if (run_dir / "results.json").is_file():
             raise ClbenchError(f"nothing to resume: {run_dir} has finished (results.json)")
+        if (run_dir / LEGACY_CHECKPOINT).is_file():
+            raise ClbenchError(
+                f"{run_dir / LEGACY_CHECKPOINT} is a checkpoint of an older clbench (a pickle, "
+                "which clbench no longer loads); start the run again"
+            )
         raise ClbenchError(
             f"nothing to resume in {run_dir}: no checkpoint (the run stopped before its "
             "first experience ended); start it again"
         )
-    state = torch.load(path, map_location=ctx.device, weights_only=False)
-    if state.get("config") != to_container(ctx.cfg):
+    state = statefile.load(path, device=ctx.device)
+    try:
+        if state.get("config") != to_container(ctx.cfg):
+            raise ClbenchError(
+                f"the checkpoint in {run_dir} was made with another configuration; "
+                "resume with the run's own config (clbench resume RUN_DIR)"
+            )
+        strategy = ClassIncremental().build(ctx)
+        strategy.restore_checkpoint_state(state["strategy"])
+        result = ClassIncrementalResult(**state["result"])
+        set_rng_state(state["rng"])
+    except ClbenchError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise ClbenchError(
-            f"the checkpoint in {run_dir} was made with another configuration; "
-            "resume with the run's own config (clbench resume RUN_DIR)"
-        )
-    strategy = state["strategy"]
-    keep = [p for p in strategy.plugins if not isinstance(p, ProgressPlugin)]
-    progress = ProgressPlugin(ctx.scenario.num_experiences, enabled=ctx.progress)
-    strategy.plugins = [progress, *keep]
-    strategy.device = ctx.device
-    strategy.model.to(ctx.device)
-    set_rng_state(state["rng"])
+            f"{path} does not fit this run ({type(e).__name__}: {first_line(e)}); "
+            "start the run again"
+        ) from None
     ctx.sweep_id = state.get("sweep_id")
-    result: ClassIncrementalResult = state["result"]
     result.resumed_after = len(result.accuracy_matrix)
     print(f"resuming {run_dir} after experience {state['experiences_done']}", file=sys.stderr)
     return strategy, result
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file; a failure leaves neither a
+    temporary file nor a half-written ``path``, and is one line."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ClbenchError(f"cannot write {path}: {e.strerror or first_line(e)}") from None

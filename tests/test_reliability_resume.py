@@ -1,0 +1,101 @@
+"""Kill-and-resume for every registered class-incremental strategy.
+
+A run is snapshotted right after its checkpoint of experience 2 of 5 (its run directory
+as a SIGKILL at that moment would leave it) and goes on to the end; the snapshot is then
+resumed from its data-only checkpoint (rebuilt from the config, nothing unpickled) and
+must end with the uninterrupted run's accuracy matrices and metrics. The real SIGKILL
+of a subprocess is tests/test_resume.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+
+from helpers import results_of, run_cli
+
+ARGS = [
+    "backbone.pretrained=none",
+    "scenario.n_experiences=5",
+    "strategy.epochs=1",
+    "tracking=none",
+    "progress=false",
+]
+
+#: small settings that keep every strategy's state non-trivial and the test quick
+EXTRA = {
+    "moe_adapters": ["strategy.experts=4", "strategy.ae_steps=10"],
+    "lora": ["strategy.merge_after_task=true"],
+}
+
+
+def class_incremental_strategies() -> list[str]:
+    from clbench.strategies.base import CLStrategy
+
+    from clbench.registry import STRATEGIES
+
+    return sorted(n for n in STRATEGIES.names() if issubclass(STRATEGIES.get(n), CLStrategy))
+
+
+@pytest.mark.parametrize("strategy", class_incremental_strategies())
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, strategy):
+    from clbench.protocols import class_incremental as ci
+
+    snapshot = tmp_path / "killed"
+    save = ci.save_checkpoint
+
+    def save_and_snapshot(ctx, learner, result):
+        save(ctx, learner, result)
+        if len(result.accuracy_matrix) == 2:
+            shutil.copytree(ctx.run_dir, snapshot)
+
+    monkeypatch.setattr(ci, "save_checkpoint", save_and_snapshot)
+    run = ["run", *ARGS, f"strategy={strategy}", *EXTRA.get(strategy, [])]
+    assert run_cli([*run, f"runs_dir={tmp_path / 'straight'}"]) == 0
+    monkeypatch.setattr(ci, "save_checkpoint", save)
+    (straight,) = (tmp_path / "straight").iterdir()
+    expected = results_of(straight)
+
+    assert not (snapshot / "results.json").exists()
+    assert json.loads((snapshot / ci.CHECKPOINT_INFO).read_text())["experiences_done"] == 2
+    assert (snapshot / ci.CHECKPOINT).read_bytes()[:1] != pickle.PROTO  # not a pickle
+
+    assert run_cli(["resume", str(snapshot)]) == 0
+    resumed = results_of(snapshot)
+    assert resumed["resumed_after_experience"] == 2
+    assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
+    assert resumed["accuracy_matrix_task_aware"] == expected["accuracy_matrix_task_aware"]
+    assert json.dumps(resumed["metrics"]) == json.dumps(expected["metrics"])
+    assert not (snapshot / ci.CHECKPOINT).exists()
+
+
+class Payload:
+    """A pickle that, if ever unpickled, creates a marker file (stands for any code)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["checkpoint.safetensors", "checkpoint.pt"])
+def test_a_planted_checkpoint_is_refused_in_one_line_and_never_executed(tmp_path, capsys, name):
+    import torch
+
+    from helpers import FAST
+
+    marker = tmp_path / "executed"
+    assert run_cli(["run", *FAST, "checkpoint=false", f"runs_dir={tmp_path / 'runs'}"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir / "results.json").unlink()  # looks unfinished: resume will read the checkpoint
+    torch.save({"strategy": Payload(str(marker))}, run_dir / name)  # torch.save pickles
+    capsys.readouterr()
+    assert run_cli(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert name in err[0]
+    assert not marker.exists()
