@@ -17,16 +17,21 @@ knows no kind.
 
 The output is a pure function of the runs (sorted keys, fixed float formatting, no
 timestamps), so publishing the same runs twice gives byte-identical files. Every string
-that comes from a run is escaped for HTML and for Markdown.
+that comes from a run is escaped for HTML and for Markdown (line breaks and other control
+characters become spaces there); the JSON keeps it exactly. A run whose record is malformed
+is skipped with a one-line warning naming it: one bad run does not stop the others' boards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
 import os
+import re
 import statistics
+import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -95,17 +100,52 @@ def read_runs(uri: str | None, experiment: str) -> list[TrackedRun]:
                     path = client.download_artifacts(rid, "results.json", f"{tmp}/{rid}")
                 except Exception:  # a run not made by clbench (no record): not a board entry
                     continue
-                text = Path(path).read_text()
                 source = f"results.json of MLflow run {rid}"
-                record = RunRecord.loads(text, source)
-                record.require(protocol_for(record.kind, record.scenario).record_fields, source)
+                try:
+                    record = _read_record(Path(path), source)
+                except ClbenchError as e:
+                    reason = str(e).removeprefix(f"{source}: ")
+                    warn(f"skipped MLflow run {rid}: its results.json: {reason}")
+                    continue
                 out.append(TrackedRun(rid, int(run.info.start_time or 0), record))
     return out
 
 
+def _read_record(path: Path, source: str) -> RunRecord:
+    """The run record in ``path``, checked for everything a board needs."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ClbenchError(f"{source}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ClbenchError(
+            f"{source}: not valid JSON (not UTF-8 text: byte {e.start}); not a run record"
+        ) from None
+    record = RunRecord.loads(text, source)
+    record.require(protocol_for(record.kind, record.scenario).record_fields, source)
+    try:  # a JSON escape can make a lone surrogate, which no board file can hold
+        json.dumps(record.to_dict(), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ClbenchError(f"{source}: a string is not valid Unicode (a lone surrogate)") from None
+    return record
+
+
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr (line breaks in ``message`` become spaces)."""
+    print(f"warning: {one_line(message)}", file=sys.stderr)
+
+
 # -------------------------------------------------------------------- aggregating
+def _finite(v: Any) -> bool:
+    """Whether ``v`` is a finite number (an int too large for a float is not)."""
+    try:
+        return v is not None and math.isfinite(v)
+    except (OverflowError, TypeError):
+        return False
+
+
 def _mean_std(values: Sequence[float]) -> dict[str, float | int | None]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
+    vals = [float(v) for v in values if _finite(v)]
     if not vals:
         return {"mean": None, "std": None, "n": 0}
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -200,19 +240,39 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
 
 def _aggregate(column: Column, values: Sequence[Any]) -> float | None:
     """A cost over seeds: the max or the mean of the finite values."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
+    finite = [float(v) for v in values if _finite(v)]
     if column.aggregate == "max":
         return _r(max(finite)) if finite else None
     return _mean_std(finite)["mean"]
 
 
 # ------------------------------------------------------------------------ writing
+#: characters that end a line for some reader (CR, LF, VT, FF, NEL, U+2028/9, ...) or are
+#: otherwise control characters: shown as a space in Markdown and HTML
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: a run id shown as a Markdown code span as it is (anything else is escaped text)
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+
+
+def one_line(text: Any) -> str:
+    """``text`` as one line: every control character (CR and LF too) becomes a space."""
+    return _CONTROL.sub(" ", str(text))
+
+
 def md_escape(text: Any) -> str:
-    """``text`` safe inside a Markdown table cell: no HTML, no emphasis, no cell breaks."""
-    s = html.escape(str(text), quote=False)
+    """``text`` safe inside a Markdown table cell: one line, no HTML, no emphasis, no links,
+    no cell breaks."""
+    s = html.escape(one_line(text), quote=False)
     for ch in "\\`*_{}[]()#+!|~":
         s = s.replace(ch, "\\" + ch)
-    return s.replace("\n", " ")
+    return s
+
+
+def md_code(text: Any) -> str:
+    """``text`` as a Markdown code span if it is a plain id, else as escaped text (inside a
+    code span no escape works, so a backtick or pipe could not be neutralised there)."""
+    s = str(text)
+    return f"`{s}`" if _PLAIN_ID.fullmatch(s) else md_escape(s)
 
 
 def _fmt(stat: Mapping[str, Any] | None) -> str:
@@ -249,11 +309,11 @@ def _has_task_id(board: Mapping[str, Any]) -> bool:
     return any(e.get("uses_task_id") for e in board["entries"])
 
 
-def _provenance(e: Mapping[str, Any], esc: Callable[[Any], str], code: str) -> str:
-    """One entry's provenance line; ``esc`` escapes for the format, ``code`` wraps ids
-    (a ``{}`` template)."""
+def _provenance(e: Mapping[str, Any], esc: Callable[[Any], str], code: Callable[[Any], str]) -> str:
+    """One entry's provenance line; ``esc`` escapes text for the format, ``code`` escapes
+    and marks up a run id."""
     p = e["provenance"]
-    runs = ", ".join(f"{esc(r['run_name'])} ({code.format(esc(r['run_id']))})" for r in p["runs"])
+    runs = ", ".join(f"{esc(r['run_name'])} ({code(r['run_id'])})" for r in p["runs"])
     joined = {
         k: ", ".join(esc(v) for v in p[k]) for k in ("git_commits", "clbench_versions", "hardware")
     }
@@ -284,8 +344,18 @@ def render_markdown(board: Mapping[str, Any]) -> str:
     if _has_task_id(board):
         lines += ["", TASK_ID_NOTE]
     lines += ["", "## Provenance", ""]
-    lines += [f"- {_provenance(e, md_escape, '`{}`')}" for e in board["entries"]]
+    lines += [f"- {_provenance(e, md_escape, md_code)}" for e in board["entries"]]
     return "\n".join(lines) + "\n"
+
+
+def esc_any(value: Any) -> str:
+    """``value`` as HTML-escaped text on one line (quotes escaped: safe in attributes)."""
+    return html.escape(one_line(value))
+
+
+def html_code(value: Any) -> str:
+    """``value`` as HTML-escaped text in ``<code>``."""
+    return f"<code>{esc_any(value)}</code>"
 
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
@@ -336,7 +406,7 @@ def _svg_curves(board: Mapping[str, Any]) -> str:
     for k, e in enumerate(entries):
         color = PALETTE[k % len(PALETTE)]
         pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(e["curve"]) if v is not None)
-        name = html.escape(f"{e['strategy']} ({e['backbone']})")
+        name = esc_any(f"{e['strategy']} ({e['backbone']})")
         parts.append(
             f'<polyline class="curve" fill="none" stroke="{color}" stroke-width="2" '
             f'points="{pts}"><title>{name}</title></polyline>'
@@ -346,7 +416,7 @@ def _svg_curves(board: Mapping[str, Any]) -> str:
             f'<line x1="{left + pw + 10}" y1="{ly}" x2="{left + pw + 24}" y2="{ly}" '
             f'stroke="{color}" stroke-width="2"/>'
             f'<text x="{left + pw + 28}" y="{ly + 4}" font-size="11">'
-            f"{html.escape(str(e['strategy']))}</text>"
+            f"{esc_any(e['strategy'])}</text>"
         )
     parts.append("</svg>")
     return "\n".join(parts)
@@ -376,10 +446,10 @@ def _svg_bars(board: Mapping[str, Any]) -> str:
     for k, e in enumerate(entries):
         m = e["metrics"][primary]
         yy = top + k * (bar + 8)
-        name = html.escape(f"{e['strategy']} ({e['backbone']})")
+        name = esc_any(f"{e['strategy']} ({e['backbone']})")
         parts.append(
             f'<text x="{left - 6}" y="{yy + bar - 5}" font-size="11" text-anchor="end">'
-            f"{html.escape(str(e['strategy']))}</text>"
+            f"{esc_any(e['strategy'])}</text>"
         )
         parts.append(
             f'<rect class="bar" x="{left}" y="{yy}" width="{x(m["mean"]) - left:.1f}" '
@@ -409,13 +479,8 @@ def _svg_bars(board: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def esc_any(value: Any) -> str:
-    """``value`` as HTML-escaped text."""
-    return html.escape(str(value))
-
-
 def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
-    esc = html.escape
+    esc = esc_any
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>clbench leaderboards</title>',
@@ -430,7 +495,7 @@ def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
     for scenario in sorted(boards):
         b = boards[scenario]
         arrow = "higher is better" if b["higher_is_better"] else "lower is better"
-        out.append(f'<section class="board" id="{esc(scenario)}">')
+        out.append(f'<section class="board" id="{esc(safe_filename(scenario))}">')
         out.append(f"<h2>{esc(scenario)}</h2>")
         out.append(f"<p>Kind: {esc(b['kind'])}. Ranked by {esc(b['primary_label'])} ({arrow}).</p>")
         costs = board_spec(b["kind"]).costs
@@ -463,33 +528,43 @@ def render_html(boards: Mapping[str, Mapping[str, Any]]) -> str:
         out.append(f'<h3 class="plot-title">{esc(b["primary_label"])} (± 1 std)</h3>')
         out.append(_svg_bars(b))
         out.append("<details><summary>Provenance</summary><ul>")
-        out += [f"<li>{_provenance(e, esc_any, '<code>{}</code>')}</li>" for e in b["entries"]]
+        out += [f"<li>{_provenance(e, esc_any, html_code)}</li>" for e in b["entries"]]
         out.append("</ul></details></section>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
 
 def safe_filename(scenario: str) -> str:
-    """A scenario name usable as a file name (anything odd becomes '_')."""
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in scenario).strip(".")
-    return name or "_"
+    """A scenario name usable as a file name: itself if it is one (ASCII letters, digits,
+    ``-_.``), else with anything odd as '_' and a hash of the name, so that two scenarios
+    never share a file."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in scenario)
+    name = name.strip(".")
+    if name == scenario:
+        return name
+    digest = hashlib.sha256(scenario.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{name or '_'}-{digest}"
 
 
 def publish(runs: Iterable[TrackedRun], out: Path) -> list[Path]:
     """Write every scenario's .json and .md and the index.html into ``out``."""
     boards = build_boards(runs)
     if not boards:
-        raise ClbenchError("no clbench runs to publish (no finished run has a results.json)")
+        raise ClbenchError(
+            "no clbench runs to publish (no finished run has a valid results.json; "
+            "any skipped one is named in a warning above)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for scenario, board in sorted(boards.items()):
-        stem = out / safe_filename(scenario)
-        js = stem.with_suffix(".json")
-        js.write_text(json.dumps(board, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-        md = stem.with_suffix(".md")
-        md.write_text(render_markdown(board))
+        stem = safe_filename(scenario)  # with_suffix would cut a name at its last dot
+        js = out / f"{stem}.json"
+        text = json.dumps(board, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        js.write_text(text, encoding="utf-8")
+        md = out / f"{stem}.md"
+        md.write_text(render_markdown(board), encoding="utf-8")
         written += [js, md]
     index = out / "index.html"
-    index.write_text(render_html(boards))
+    index.write_text(render_html(boards), encoding="utf-8")
     written.append(index)
     return written

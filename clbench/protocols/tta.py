@@ -11,6 +11,7 @@ Definitions of every reported value: docs/protocols.md ("Continual test-time ada
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from clbench import plots
 from clbench.adapters.tta import SavedTensorMeter, state_bytes
 from clbench.data import materialise
+from clbench.errors import ClbenchError
 from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
 from clbench.record import RunRecord
 from clbench.scenarios.base import Scenario
@@ -33,6 +35,11 @@ from clbench.strategies.tta import TTAStrategy
 
 MODES = ("continual", "reset_each_shift")
 MB = 1024 * 1024
+#: a logit beyond this magnitude means the model diverged: a classifier's logits are tens
+#: (a source model's, CLIP's scaled cosines); far below it float32 softmax is already
+#: exactly one-hot, so entropy gradients vanish while the weights keep growing (Tent at
+#: lr 1e9 reaches 1e10 with every value finite)
+LOGIT_LIMIT = 1e6
 
 
 @dataclass(frozen=True)
@@ -111,13 +118,36 @@ def _batches(
         yield batch[0], batch[1]
 
 
+def check_logits(logits: torch.Tensor, strategy: Any, where: str) -> None:
+    """One ClbenchError line if ``logits`` hold a NaN, an infinity or a value beyond
+    :data:`LOGIT_LIMIT` (one reduction and one device sync per batch)."""
+    if logits.numel() == 0:
+        return
+    peak = float(logits.detach().abs().amax())  # NaN propagates through amax
+    if peak <= LOGIT_LIMIT:
+        return
+    adapts = getattr(strategy, "optimizer", None) is not None
+    hint = "lower strategy.lr or check the data" if adapts else "check the data and the model"
+    if not math.isfinite(peak):
+        what = f"logits became {peak}"  # nan or inf
+    else:
+        what = f"logits reached {peak:.3g} (beyond {LOGIT_LIMIT:.0e}: diverged)"
+    raise ClbenchError(f"{what} {where}; {hint}")
+
+
 @torch.no_grad()
-def clean_accuracy(strategy: Any, data: Dataset, batch_size: int, in_memory: bool) -> float:
-    """Accuracy of the strategy's current predictions (no adaptation) on clean data."""
+def clean_accuracy(
+    strategy: Any, data: Dataset, batch_size: int, in_memory: bool, when: str = ""
+) -> float:
+    """Accuracy of the strategy's current predictions (no adaptation) on clean data;
+    ``when`` (e.g. "after the stream") names the pass in a divergence error."""
     hits = n = 0
     g = torch.Generator().manual_seed(0)
-    for x, y in _batches(data, batch_size, g, in_memory):
-        pred = strategy.predict(x.to(strategy.device)).argmax(1).cpu()
+    where = " ".join(filter(None, ("on the clean test set", when)))
+    for b, (x, y) in enumerate(_batches(data, batch_size, g, in_memory), 1):
+        logits = strategy.predict(x.to(strategy.device))
+        check_logits(logits, strategy, f"{where}, batch {b}")
+        pred = logits.argmax(1).cpu()
         hits += int((pred == y).sum())
         n += len(y)
     return hits / max(n, 1)
@@ -131,7 +161,13 @@ def run_tta(
     batch_size: int | None = None,
     on_domain: Callable[[int, str, float], None] | None = None,
 ) -> TTAResult:
-    """Adapt online along the scenario's domains; returns the scored result."""
+    """Adapt online along the scenario's domains; returns the scored result.
+
+    A NaN, infinite or diverged logit (see :func:`check_logits`) stops the run with one
+    ClbenchError line naming the domain and the batch (1-based): a strategy's loss going
+    non-finite shows in its logits on the next batch at the latest, or in the clean pass
+    after the stream.
+    """
     spec: DomainStream = scenario.stream
     mode = mode or spec.mode
     batch_size = batch_size or spec.batch_size
@@ -142,7 +178,7 @@ def run_tta(
     if "clean" in scenario.benchmark.streams:
         clean = scenario.benchmark.streams["clean"][0].dataset
         result.clean_accuracy_before = clean_accuracy(
-            strategy, clean, batch_size, scenario.in_memory
+            strategy, clean, batch_size, scenario.in_memory, "before the stream"
         )
     meter = SavedTensorMeter(*strategy.modules())
     cuda = strategy.device.type == "cuda"
@@ -153,7 +189,8 @@ def run_tta(
         if t == 0 or mode == "reset_each_shift":
             strategy.reset()
         wrong = 0
-        for x, y in _batches(exp.dataset, batch_size, generator, scenario.in_memory):
+        batches = _batches(exp.dataset, batch_size, generator, scenario.in_memory)
+        for b, (x, y) in enumerate(batches, 1):
             start = time.perf_counter()
             with meter.measure():
                 logits = strategy.adapt(x.to(strategy.device))
@@ -161,6 +198,7 @@ def run_tta(
             if cuda:
                 torch.cuda.synchronize(strategy.device)
             result.adapt_seconds += time.perf_counter() - start
+            check_logits(logits, strategy, f"at domain {t + 1} ({domains[t]}), batch {b}")
             result.steps += 1
             wrong += int((pred != y).sum())
         result.online_error.append(wrong / result.domain_sizes[t])
@@ -172,7 +210,7 @@ def run_tta(
         result.cuda_peak_bytes = int(torch.cuda.max_memory_allocated(strategy.device))
     if clean is not None:
         result.clean_accuracy_after = clean_accuracy(
-            strategy, clean, batch_size, scenario.in_memory
+            strategy, clean, batch_size, scenario.in_memory, "after the stream"
         )
     return result
 
