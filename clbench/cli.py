@@ -8,9 +8,13 @@ validated first: a mistake is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
+import shutil
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from clbench.errors import ClbenchError
@@ -72,7 +76,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+#: errno of a write the disk refused: full, over quota, read-only, no permission
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
+@contextlib.contextmanager
+def disk_errors() -> Iterator[None]:
+    """A run's OSError from the disk (a full disk while writing the run directory) as one
+    ClbenchError line naming the file; writes clbench makes atomically leave no temporary
+    file behind (:func:`clbench.record.write_text_atomic`)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        from clbench.record import describe_os_error
+
+        where = f"{e.filename}: " if e.filename else ""
+        raise ClbenchError(f"{where}{describe_os_error(e)}") from None
+
+
 def cmd_run(args: list[str]) -> int:
+    from clbench.checks import check_writable_dir
     from clbench.config import CONF_DIR, check_overrides, register_plugin_configs
 
     verbose = _verbose(args)
@@ -92,7 +117,12 @@ def cmd_run(args: list[str]) -> int:
         )
     register_plugin_configs()
     configs = check_overrides(overrides)
-    if "-m" in modes or "--multirun" in modes:
+    multirun = "-m" in modes or "--multirun" in modes
+    if not any(a in ("--cfg", "-c", "--info", "-i") for a in hydra_args):  # jobs will run
+        for runs_dir in sorted({str(c.runs_dir) for c in configs}):
+            check_writable_dir("runs_dir", runs_dir)
+        check_launcher(overrides, multirun)
+    if multirun:
         # parallel jobs must not race to create (and migrate) a fresh local store
         from clbench.tracking import prepare_local_store
 
@@ -115,7 +145,8 @@ def cmd_run(args: list[str]) -> int:
         # every job of one sweep (any launcher: basic, joblib, Ray, submitit) shares it
         sweep_id = Path(str(hc.sweep.dir)).name if hc.mode == RunMode.MULTIRUN else None
         try:
-            execute(cfg, run_dir, sweep_id=sweep_id)
+            with disk_errors():
+                execute(cfg, run_dir, sweep_id=sweep_id)
         except ClbenchError as e:
             if verbose:
                 traceback.print_exc()
@@ -130,6 +161,70 @@ def cmd_run(args: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def check_launcher(overrides: list[str], multirun: bool) -> None:
+    """A launcher override composes; and, for a sweep, fail fast in one line where its
+    launcher cannot start: a Ray cluster that does not answer (Ray would wait for
+    minutes), SLURM commands that are not here."""
+    if not any(o.lstrip("+~").startswith("hydra/launcher=") for o in overrides):
+        return
+    from clbench.config import compose_hydra
+
+    hydra_overrides = [o for o in overrides if o.lstrip("+~").startswith("hydra")]
+    launcher = compose_hydra(hydra_overrides).launcher
+    if not multirun:  # a single job runs in this process: no launcher is used
+        return
+    choice = [o.partition("=")[2] for o in overrides if "hydra/launcher=" in o][-1]
+    target = str(launcher.get("_target_", ""))
+    if target.endswith(".SlurmLauncher"):
+        missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+        if missing:
+            raise ClbenchError(
+                f"hydra/launcher={choice} submits SLURM jobs, but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not on PATH; run the sweep on a SLURM "
+                "login node, or use hydra/launcher=joblib (or submitit_local) on this machine"
+            )
+    elif target.endswith(".RayLauncher"):
+        init = launcher.get("ray", {}).get("init", {}) or {}
+        _check_ray_address(choice, init.get("address"))
+
+
+def _check_ray_address(choice: str, address: str | None) -> None:
+    """The Ray cluster the launcher connects to (``ray.init(address=...)``) answers."""
+    from clbench.checks import tcp_unreachable
+
+    key = "hydra.launcher.ray.init.address"
+    if address in (None, "", "local"):  # Ray starts a local instance
+        return
+    address = str(address)
+    if address == "auto":  # RAY_ADDRESS, else the cluster `ray start` made on this machine
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:  # another Ray: let it resolve "auto" itself
+            return
+        try:
+            address = canonicalize_bootstrap_address("auto") or ""
+        except (ConnectionError, ValueError) as e:
+            raise ClbenchError(
+                f"hydra/launcher={choice}: {key}=auto finds no running Ray cluster "
+                f"({str(e).split('. ')[0]}); start one (ray start --head) or give "
+                f"{key}=HOST:PORT (its GCS address)"
+            ) from None
+        if not address:
+            return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ClbenchError(
+            f"invalid value for {key}: {address!r}; expected HOST:PORT (the Ray head's GCS "
+            "address, e.g. 10.0.0.5:6379), ray://HOST:PORT, auto or local"
+        )
+    why = tcp_unreachable(host.strip("[]"), int(port))
+    if why:
+        raise ClbenchError(
+            f"hydra/launcher={choice}: no Ray cluster answers at {key}={address} ({why}); "
+            "start it (ray start --head --port=PORT) or give the head's HOST:PORT"
+        )
 
 
 def cmd_list(args: list[str]) -> int:
@@ -151,9 +246,17 @@ def cmd_list(args: list[str]) -> int:
 
 
 def cmd_pretrain(args: list[str]) -> int:
-    from clbench.pretrain.train import DEFAULT_STEPS, default_checkpoint_path, ensure_pretrained
+    from clbench.checks import check_seed
+    from clbench.errors import first_line
+    from clbench.pretrain.train import (
+        DEFAULT_STEPS,
+        corrupt_cache_fix,
+        default_checkpoint_path,
+        ensure_pretrained,
+        read_metadata,
+    )
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="clbench pretrain",
         description="make the micro ViT's offline source checkpoint (cached in the user cache dir)",
     )
@@ -161,11 +264,17 @@ def cmd_pretrain(args: list[str]) -> int:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--force", action="store_true", help="remake it even if cached")
     ns = p.parse_args(args)
+    check_seed("--seed", ns.seed)
     if ns.steps < 1:
         raise ClbenchError(f"invalid value for --steps: {ns.steps}; must be >= 1")
     path = default_checkpoint_path(ns.seed, ns.steps)
     if ns.force and path.exists():
         path.unlink()
+    elif path.is_file():
+        try:
+            read_metadata(path)
+        except ValueError as e:
+            raise ClbenchError(f"{first_line(e)}; {corrupt_cache_fix(ns.seed, ns.steps)}") from None
     print(ensure_pretrained(ns.seed, ns.steps, progress=True))
     return 0
 
@@ -190,11 +299,13 @@ def cmd_resume(args: list[str]) -> int:
     if not config.is_file():
         raise ClbenchError(f"not a clbench run directory (no .hydra/config.yaml): {ns.run_dir}")
     register_plugin_configs()
-    execute(OmegaConf.load(config), ns.run_dir, resume=True)
+    with disk_errors():
+        execute(OmegaConf.load(config), ns.run_dir, resume=True)
     return 0
 
 
 def cmd_sync(args: list[str]) -> int:
+    from clbench.checks import check_tracking_uri
     from clbench.runner import sync_run_dir
 
     p = _Parser(prog="clbench sync", description="upload run directories to MLflow")
@@ -203,6 +314,7 @@ def cmd_sync(args: list[str]) -> int:
     p.add_argument("--experiment", default=None, help="default: the run's tracking.experiment")
     p.add_argument("--force", action="store_true", help="upload again even if already tracked")
     ns = p.parse_args(args)
+    check_tracking_uri("--tracking-uri", ns.tracking_uri)
     failed = 0
     for run_dir in ns.run_dirs:
         try:
@@ -213,10 +325,11 @@ def cmd_sync(args: list[str]) -> int:
             continue
         word = "already tracked" if status.get("skipped") else "synced"
         print(f"{word}: {run_dir} (MLflow run {status.get('run_id')})")
-    return 1 if failed else 0
+    return ClbenchError.exit_code if failed else 0  # each failure was one line
 
 
 def cmd_leaderboard(args: list[str]) -> int:
+    from clbench.checks import check_tracking_uri
     from clbench.leaderboard import publish, read_runs
 
     p = _Parser(prog="clbench leaderboard", description="publish leaderboards from tracked runs")
@@ -230,6 +343,8 @@ def cmd_leaderboard(args: list[str]) -> int:
     p.add_argument("--experiment", default="clbench")
     p.add_argument("--out", type=Path, default=Path("leaderboards"))
     ns = p.parse_args(args)
+    for uri in ns.tracking_uri or []:
+        check_tracking_uri("--tracking-uri", uri)
     runs = [r for uri in ns.tracking_uri or [None] for r in read_runs(uri, ns.experiment)]
     for path in publish(runs, ns.out):
         print(path)

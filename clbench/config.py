@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from clbench.checks import check_positive, check_probability, check_seed, check_tracking_uri
 from clbench.errors import ClbenchError, ConfigError, unknown_choice
 from clbench.registry import REGISTRIES
 
@@ -126,10 +128,13 @@ class TrackingConfig:
     enabled: bool = True
     uri: str | None = None
     experiment: str = "clbench"
-    # further attempts after a failed upload (1 s, 2 s, 4 s... apart): parallel jobs racing
-    # to create a fresh SQLite store, a server restarting. A failed attempt's MLflow run
-    # ends as FAILED and is ignored by the leaderboard.
+    # further attempts after a failed upload (1 s, 2 s, 4 s... apart): a busy SQLite store,
+    # a server restarting. A failed attempt's MLflow run ends as FAILED and is ignored by
+    # the leaderboard.
     retries: int = 2
+    # seconds one HTTP request to a tracking server may take (MLflow's default: 120 s, and
+    # 7 retries of its own, which clbench turns off unless the environment sets them)
+    timeout: int = 5
 
 
 @dataclasses.dataclass
@@ -148,9 +153,13 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     """Check a composed config; returns {group: typed Config} for the component groups."""
     top = {k: cfg[k] for k in cfg if k not in (*COMPONENT_GROUPS, "hydra")}
     try:
-        OmegaConf.merge(OmegaConf.structured(RunConfig), top)
+        run = OmegaConf.merge(OmegaConf.structured(RunConfig), top)
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message("", e, RunConfig)) from None
+    check_seed("seed", run.seed)
+    check_positive("tracking.retries", run.tracking.retries, allow_zero=True)
+    check_positive("tracking.timeout", run.tracking.timeout)
+    check_tracking_uri("tracking.uri", run.tracking.uri)
     out = {}
     for group in COMPONENT_GROUPS:
         node = cfg.get(group)
@@ -159,8 +168,28 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         if node.name not in REGISTRIES[group]:
             raise unknown_choice(group, node.name, REGISTRIES[group].names())
         out[group] = typed(group, node)
+        check_conventional_fields(group, out[group])
     resolve_device(str(cfg.get("device", "cpu")))
     return out
+
+
+def check_conventional_fields(prefix: str, obj: Any) -> None:
+    """Check the fields a component's schema names by convention, whatever the component:
+    ``seed`` / ``*_seed`` are seeds (:func:`~clbench.checks.check_seed`), ``dropout`` /
+    ``*_dropout`` probabilities in [0, 1). Nested dataclasses are checked too."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}.{f.name}"
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if f.name == "seed" or f.name.endswith("_seed"):
+            if is_number:
+                check_seed(key, int(value))
+        elif f.name == "dropout" or f.name.endswith("_dropout"):
+            if is_number:
+                check_probability(key, value)
+        else:
+            check_conventional_fields(key, value)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -223,6 +252,31 @@ def compose(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(_hydra_message(e, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def compose_hydra(overrides: Sequence[str]) -> DictConfig:
+    """Hydra's own node (``hydra.*``: launcher, sweeper, dirs) for ``hydra...`` overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        missing = re.search(r"Could not find '(hydra/[\w/]+)/([^']*)'", lines[0] if lines else "")
+        if missing and "Available options" in str(e):
+            start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+            rest = lines[start + 1 :]
+            options = list(itertools.takewhile(lambda ln: not ln.endswith(":"), rest))
+            raise unknown_choice(missing.group(1), missing.group(2), options) from None
+        raise ConfigError(f"bad override: {' '.join(lines) or type(e).__name__}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg.hydra
 
 
 def _check_group_choices(overrides: Sequence[str]) -> None:

@@ -113,15 +113,7 @@ def read_runs(uri: str | None, experiment: str) -> list[TrackedRun]:
 
 def _read_record(path: Path, source: str) -> RunRecord:
     """The run record in ``path``, checked for everything a board needs."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise ClbenchError(f"{source}: cannot be read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ClbenchError(
-            f"{source}: not valid JSON (not UTF-8 text: byte {e.start}); not a run record"
-        ) from None
-    record = RunRecord.loads(text, source)
+    record = RunRecord.load(path, source)
     record.require(protocol_for(record.kind, record.scenario).record_fields, source)
     try:  # a JSON escape can make a lone surrogate, which no board file can hold
         json.dumps(record.to_dict(), ensure_ascii=False).encode("utf-8")

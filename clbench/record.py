@@ -13,9 +13,12 @@ malformed one, is one :class:`RecordError` line naming the file and the field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +119,8 @@ class RunRecord:
         return json.dumps(_clean(self.to_dict()), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     def write(self, path: Path) -> None:
-        path.write_text(self.dumps())
+        """results.json, atomically (:func:`write_text_atomic`)."""
+        write_text_atomic(path, self.dumps())
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -160,19 +164,53 @@ class RunRecord:
         return cls.from_dict(data, source)
 
     @classmethod
-    def load(cls, path: Path) -> RunRecord:
-        """The record in ``path`` (a results.json); one RecordError line if it is not one."""
+    def load(cls, path: Path, source: str | None = None) -> RunRecord:
+        """The record in ``path`` (a results.json); one RecordError line if it is not one,
+        naming ``source`` (default: the path)."""
+        source = source or str(path)
         try:
-            text = path.read_text()
+            text = path.read_bytes().decode("utf-8")
         except OSError as e:
-            raise RecordError(f"{path}: cannot be read ({e.strerror})") from None
-        return cls.loads(text, str(path))
+            raise RecordError(f"{source}: cannot be read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise RecordError(
+                f"{source}: not valid JSON (not UTF-8 text: byte {e.start}); not a run record"
+            ) from None
+        return cls.loads(text, source)
 
     def require(self, names: tuple[str, ...], source: str) -> None:
         """One RecordError line if any of the kind's fields ``names`` is missing."""
         for name in names:
             if name not in self.fields:
                 raise RecordError(f"{source}: field {name!r} is missing (a {self.kind} record)")
+
+
+#: a write that failed for want of space: what to do
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, flushed to disk and
+    renamed over ``path``: readers never see half a file. A failure (a full disk) removes
+    the temporary file, leaves ``path`` as it was and is one ClbenchError line."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ClbenchError(f"cannot write {path}: {describe_os_error(e)}") from None
+
+
+def describe_os_error(e: OSError) -> str:
+    """``strerror`` of a failed write, with what to do when the disk is full."""
+    why = e.strerror or type(e).__name__
+    return f"{why} (free space on that disk and run again)" if e.errno in _DISK_FULL else why
 
 
 def _short(value: Any) -> str:

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 import clbench
 from clbench import tracking
 from clbench.config import resolve_device, to_container, validate
-from clbench.errors import ClbenchError, first_line
+from clbench.errors import ClbenchError
 from clbench.protocols.base import Protocol, RunContext, protocol_for
-from clbench.record import RunRecord
+from clbench.record import RunRecord, write_text_atomic
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
 from clbench.resources import peak_rss_mb
 from clbench.seeding import seed_everything
@@ -140,7 +140,7 @@ def finish(ctx: RunContext, protocol: Protocol, record: RunRecord) -> RunRecord:
     """Plots and config into the run directory, tracking, then results.json (written
     once, with the tracking status), then the protocol drops its checkpoint."""
     run_dir = ctx.run_dir
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(record.config)))
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(record.config)))
     protocol.plots(record, run_dir)
     record.tracking = track(ctx.cfg, record, run_dir)
     record.write(run_dir / "results.json")
@@ -157,17 +157,18 @@ def track(cfg: DictConfig, record: RunRecord, run_dir: Path) -> dict[str, Any]:
         return {"status": "disabled"}
     uri = cfg.tracking.uri
     attempts = 1 + max(int(cfg.tracking.get("retries", 0)), 0)
-    for attempt in range(attempts):
+    timeout = int(cfg.tracking.get("timeout", tracking.DEFAULT_TIMEOUT))
+    for attempt in range(attempts):  # worst case: attempts x 2 requests x timeout + 1+2+.. s
         try:
-            run_id = tracking.log_run(record, run_dir, uri, cfg.tracking.experiment)
+            run_id = tracking.log_run(record, run_dir, uri, cfg.tracking.experiment, timeout)
             return {"status": "ok", "uri": uri, "run_id": run_id}
         except Exception as e:  # any tracking failure: keep the run directory, say so
-            first = first_line(e)
+            first = tracking.describe_error(e, timeout)
             if attempt + 1 < attempts:
                 time.sleep(2.0**attempt)
     print(
-        f"warning: MLflow tracking failed ({first}); the run directory is kept; upload it "
-        f"later with: clbench sync {run_dir}",
+        f"warning: MLflow tracking failed ({uri or 'the default store'}: {first}); the run "
+        f"directory is kept; upload it later with: clbench sync {run_dir}",
         file=sys.stderr,
     )
     return {"status": "failed", "error": first, "uri": uri}
@@ -192,11 +193,13 @@ def sync_run_dir(
     conf = record.config.get("tracking") or {}
     uri = uri or conf.get("uri") or None
     experiment = experiment or conf.get("experiment") or "clbench"
+    timeout = int(conf.get("timeout") or tracking.DEFAULT_TIMEOUT)
     try:
-        run_id = tracking.log_run(record, run_dir, uri, experiment)
+        run_id = tracking.log_run(record, run_dir, uri, experiment, timeout)
     except Exception as e:
         where = uri or "the default store"
-        raise ClbenchError(f"sync of {run_dir} to {where} failed: {first_line(e)}") from None
+        why = tracking.describe_error(e, timeout)
+        raise ClbenchError(f"sync of {run_dir} to {where} failed: {why}") from None
     record.tracking = {"status": "ok", "uri": uri, "run_id": run_id, "synced": True}
     record.write(path)
     return record.tracking

@@ -1,7 +1,9 @@
 """MLflow tracking of a finished run record.
 
 The run directory is the source of truth; MLflow gets the same content. A tracking
-failure never loses the run: it is reported in one line and the directory stays.
+failure never loses the run: it is reported in one line and the directory stays. A dead
+server costs seconds (:func:`http_limits`); concurrent runs into one fresh local SQLite
+store do not race in its creation (:func:`ensure_local_store`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +23,8 @@ if TYPE_CHECKING:
     from clbench.record import RunRecord
 
 MAX_PARAM_LEN = 6000
+#: seconds one HTTP request to a tracking server may take (connect, then read)
+DEFAULT_TIMEOUT = 5
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -37,8 +42,9 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence MLflow's and alembic's chatter (migrations, 'View run at ...')."""
-    loggers = [logging.getLogger(n) for n in ("mlflow", "alembic")]
+    """Silence MLflow's, alembic's and urllib3's chatter (migrations, 'View run at ...',
+    'Retrying (Retry(total=6 ...' per failed connection)."""
+    loggers = [logging.getLogger(n) for n in ("mlflow", "alembic", "urllib3")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -50,43 +56,152 @@ def quiet() -> Iterator[None]:
             lg.setLevel(lvl)
 
 
-def prepare_local_store(uri: str | None, experiment: str) -> None:
-    """Create a local (SQLite / default) store and its experiment once, before a sweep.
+@contextlib.contextmanager
+def http_limits(timeout: int = DEFAULT_TIMEOUT) -> Iterator[None]:
+    """Bound MLflow's HTTP client while inside: no retries of its own (the caller retries
+    the whole upload) and ``timeout`` seconds per request, so a dead or silent server
+    costs seconds, not MLflow's default minutes (7 retries with backoff, 120 s timeout).
 
-    Jobs starting together on a store that does not exist yet race in MLflow's schema
-    migration ("table _alembic_tmp_tags already exists") and in creating the experiment;
-    doing both first, in one process, leaves the jobs nothing to race for. A server
-    (http/https) or a failure here is left to the jobs (which retry and keep their runs).
+    MLflow reads these variables at each request; one the user set is left as it is.
     """
-    if uri and not uri.startswith("sqlite:"):
-        return
+    limits = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(int(timeout), 1)),
+    }
+    added = [k for k in limits if k not in os.environ]
+    for k in added:
+        os.environ[k] = limits[k]
     try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def describe_error(e: BaseException, timeout: int = DEFAULT_TIMEOUT) -> str:
+    """One short line for a tracking failure: a dead or silent server in a few words, else
+    the first line of the error."""
+    import requests
+
+    seen: BaseException | None = e
+    for _ in range(10):  # the exception's cause chain
+        if seen is None:
+            break
+        if isinstance(seen, requests.exceptions.Timeout) or (
+            isinstance(seen, requests.exceptions.ConnectionError) and "timed out" in str(seen)
+        ):  # urllib3 reports a read timeout with its retries spent as a ConnectionError
+            waited = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or timeout
+            return f"no answer within {waited} s"
+        if isinstance(seen, requests.exceptions.ConnectionError):
+            reason = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(seen))
+            return "cannot connect" + (f": {reason.group(1)}" if reason else "")
+        seen = seen.__cause__ or seen.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` store URI (None for anything else, or in memory)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        db = make_url(uri).database
+    except Exception:  # not a URI SQLAlchemy understands: MLflow will say so
+        return None
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db).resolve()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if missing) for other processes, while inside."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+#: (database file, experiment) pairs this process has already made ready
+_READY: set[tuple[str, str]] = set()
+
+
+#: the store MLflow itself would use in this process (its environment variable or its
+#: default), read before clbench sets any: ``mlflow.set_tracking_uri`` also sets
+#: MLFLOW_TRACKING_URI, so later reads would return the last store logged to
+_OWN_URI: list[str] = []
+
+
+def target_uri(uri: str | None) -> str:
+    """``uri``, or (None) the store MLflow would use had clbench set none in this process,
+    so ``clbench sync a b`` never sends b (no URI of its own) to a's store."""
+    if not _OWN_URI:
         import mlflow
 
-        with quiet():
-            client = mlflow.MlflowClient(uri)
-            if client.get_experiment_by_name(experiment) is None:
-                client.create_experiment(experiment)
-    except Exception:  # the jobs report tracking problems themselves, one line each
+        _OWN_URI.append(mlflow.get_tracking_uri())
+    return uri or _OWN_URI[0]
+
+
+def ensure_local_store(uri: str | None, experiment: str) -> None:
+    """Create and migrate a local SQLite store and its experiment under a file lock.
+
+    Processes starting together on a store that does not exist yet race in MLflow's schema
+    migration ("duplicate column name: trace_name") and in creating the experiment; under
+    ``<db>.lock`` one does both and the others find them done. Costs one uncontended lock
+    and the store's opening (which logging does anyway) once per process; a server or any
+    other store is left alone. ``uri`` None means MLflow's own resolution.
+    """
+    if uri and not uri.startswith("sqlite:"):
+        return  # a server or another kind of store: nothing to prepare, no MLflow import
+    import mlflow
+
+    resolved = target_uri(uri)
+    db = _sqlite_path(str(resolved))
+    if db is None or (str(db), experiment) in _READY:
         return
+    with _locked(db.with_name(db.name + ".lock")), quiet():
+        client = mlflow.MlflowClient(resolved)
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment)
+    _READY.add((str(db), experiment))
+
+
+def prepare_local_store(uri: str | None, experiment: str) -> None:
+    """:func:`ensure_local_store` once before a sweep; a failure is left to the jobs (which
+    report tracking problems themselves, one line each)."""
+    with contextlib.suppress(Exception):
+        ensure_local_store(uri, experiment)
 
 
 #: run-directory files never uploaded: checkpoints (learner state, for resume only)
 PRIVATE_PREFIXES = ("checkpoint", ".checkpoint")
 
 
-def log_run(record: RunRecord, run_dir: Path, uri: str | None, experiment: str) -> str:
+def log_run(
+    record: RunRecord,
+    run_dir: Path,
+    uri: str | None,
+    experiment: str,
+    timeout: int = DEFAULT_TIMEOUT,
+) -> str:
     """Log a run record to MLflow with the run directory's files; returns the run id.
 
     The results.json artifact is the record as a run logs it (without a tracking status);
-    checkpoints are never uploaded.
+    checkpoints are never uploaded. A local SQLite store is made ready first
+    (:func:`ensure_local_store`); requests to a server are bounded (:func:`http_limits`).
     """
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with quiet():
-        if uri:
-            mlflow.set_tracking_uri(uri)
+    with http_limits(timeout), quiet():
+        ensure_local_store(uri, experiment)
+        mlflow.set_tracking_uri(target_uri(uri))
         mlflow.set_experiment(experiment)
         with mlflow.start_run(run_name=record.run_name, tags=record.tags) as run:
             params = flatten(record.config)

@@ -18,12 +18,13 @@ naming the path and what was expected there.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
 from clbench.scenarios.corruptions import CORRUPTIONS, corrupt
 
-from clbench.errors import ClbenchError
+from clbench.errors import ClbenchError, first_line
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
@@ -46,8 +47,12 @@ def load_cifar_c(root: str | Path, corruption: str, severity: int) -> tuple[np.n
                 f"missing {p}: expected the released CIFAR-10-C / CIFAR-100-C layout "
                 "(<corruption>.npy with the 5 severities stacked, and labels.npy)"
             )
-    data = np.load(data_path, mmap_mode="r")
-    labels = np.load(label_path)
+    data, labels = _load_npy(data_path, mmap=True), _load_npy(label_path)
+    if data.ndim != 4 or data.shape[-1] != 3 or labels.ndim != 1:
+        raise ClbenchError(
+            f"{data_path} holds images of shape {data.shape[1:]} and labels.npy "
+            f"{labels.shape}: expected (5 n, H, W, 3) images and (5 n,) labels"
+        )
     if len(data) != len(labels) or len(data) % 5:
         raise ClbenchError(
             f"{data_path} has {len(data)} images and labels.npy {len(labels)}: expected the "
@@ -58,10 +63,87 @@ def load_cifar_c(root: str | Path, corruption: str, severity: int) -> tuple[np.n
     return np.ascontiguousarray(data[part]), labels[part].astype(np.int64)
 
 
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """A numeric .npy array; object arrays (pickles) are refused, in one line."""
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        why = " ".join(str(e).split())
+        if "pickle" in why or "Python objects" in why:
+            why = "it holds Python objects (a pickle), which are never loaded"
+        raise ClbenchError(f"cannot read {path}: {why}; expected a numeric .npy array") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biu":
+        raise ClbenchError(
+            f"cannot read {path}: it holds {getattr(array, 'dtype', type(array).__name__)} "
+            "values; expected an integer .npy array (uint8 images, integer labels)"
+        )
+    return array
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR's python-release batches and nothing else.
+
+    A batch is a dict of bytes keys to lists (labels, file names), bytes and a uint8
+    numpy array, so the only callables it names are numpy's array rebuilders (and, in a
+    protocol-2 file written by Python 3, ``_codecs.encode(text, "latin1")`` for bytes,
+    which is answered by :func:`_latin1`). Any other global (``os.system``,
+    ``builtins.eval``...) is refused before it is looked up.
+    """
+
+    ALLOWED: frozenset[tuple[str, str]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),  # the release (Python 2, numpy 1)
+            ("numpy._core.multiarray", "_reconstruct"),  # the same, pickled by numpy 2
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5 (Python >= 3.14)
+            ("numpy._core.numeric", "_frombuffer"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("_codecs", "encode"):  # bytes, as Python 3 pickles them at
+            return _latin1  # protocol 2: only that use is admitted
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refused to unpickle {module}.{name}: a CIFAR batch holds only dicts, lists, "
+                "bytes, numbers and numpy arrays"
+            )
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: object) -> object:
+        raise pickle.UnpicklingError("refused a persistent id: not a CIFAR batch")
+
+
+def _latin1(text: object, encoding: object) -> bytes:
+    """``_codecs.encode(text, "latin1")``, the one call a protocol-2 pickle of bytes makes."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(
+            f"refused to unpickle _codecs.encode(..., {encoding!r}): a CIFAR batch holds only "
+            "dicts, lists, bytes, numbers and numpy arrays"
+        )
+    return text.encode("latin1")
+
+
+def _unpickle_cifar(path: Path) -> object:
+    try:
+        with path.open("rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core in numpy 2
+            return _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ClbenchError(
+            f"cannot read {path}: {first_line(e)}; expected the CIFAR python release "
+            "(a pickled dict)"
+        ) from None
+    except OSError as e:
+        raise ClbenchError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def load_cifar_test(root: str | Path, dataset: str = "cifar10") -> tuple[np.ndarray, np.ndarray]:
     """CIFAR test images (n, 32, 32, 3) uint8 and labels from a torchvision root.
 
-    The files are the official python release (pickles): read only data you trust.
+    The files are the official python release (pickles), read with an unpickler that
+    builds only what a CIFAR batch holds and refuses anything else (:class:`_CifarUnpickler`).
     """
     root = Path(root).expanduser()
     if dataset == "cifar10":
@@ -75,10 +157,21 @@ def load_cifar_test(root: str | Path, dataset: str = "cifar10") -> tuple[np.ndar
             f"missing {path}: expected torchvision's {dataset} root (the python release, "
             "as torchvision.datasets downloads it)"
         )
-    with path.open("rb") as f:
-        entry = pickle.load(f, encoding="bytes")
-    data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data.transpose(0, 2, 3, 1).copy(), np.asarray(entry[key], dtype=np.int64)
+    entry = _unpickle_cifar(path)
+    bad = ClbenchError(
+        f"{path} is not a CIFAR batch: expected a dict with {b'data'!r} (n x 3072 uint8) "
+        f"and {key!r} (n labels)"
+    )
+    if not isinstance(entry, dict) or b"data" not in entry or key not in entry:
+        raise bad
+    try:
+        data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(entry[key], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise bad from None
+    if labels.shape != (len(data),):
+        raise bad
+    return data.transpose(0, 2, 3, 1).copy(), labels
 
 
 def generate_cifar_c(

@@ -66,12 +66,14 @@ def test_ray_launcher_against_a_cluster(tmp_path, ray_cluster):
     _one_sweep(_sweep(tmp_path, *launcher))
 
 
-def test_slurm_launcher_config_composes(tmp_path):
-    cmd = [sys.executable, "-m", "clbench.cli", "run", "hydra/launcher=slurm"]
-    cmd += ["hydra.launcher.partition=gpu", "--cfg", "hydra"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    text = out.stdout
+def test_slurm_launcher_config_composes(capsys):
+    from helpers import run_cli
+
+    assert (
+        run_cli(["run", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra"])
+        == 0
+    )
+    text = capsys.readouterr().out
     assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in text
     assert "partition: gpu" in text and "gpus_per_node: 1" in text
     assert "timeout_min: 240" in text

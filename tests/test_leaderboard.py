@@ -165,7 +165,7 @@ def test_sync_after_a_failed_upload_gives_the_same_board(tmp_path, capsys):
     # a second sync is a no-op; a missing directory is one line and exit 1
     assert run_cli(["sync", str(run_dir), "--tracking-uri", synced_uri]) == 0
     assert "already tracked" in capsys.readouterr().out
-    assert run_cli(["sync", str(tmp_path / "nope"), "--tracking-uri", synced_uri]) == 1
+    assert run_cli(["sync", str(tmp_path / "nope"), "--tracking-uri", synced_uri]) == 2
     assert "no results.json" in capsys.readouterr().err
 
     straight_uri = f"sqlite:///{tmp_path}/straight.db"

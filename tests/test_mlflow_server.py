@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from clbench.leaderboard import build_boards, publish, read_runs
-from helpers import FAST, only_run_dir, results_of
+from helpers import FAST, only_run_dir, results_of, run_cli
 
 
 def _free_port() -> int:
@@ -70,31 +70,32 @@ def server(tmp_path_factory):
 
 
 def test_parallel_runs_log_to_a_server_and_a_board_is_published(server, tmp_path):
+    """One run logs to the server as it ends; four more (tracking off) are uploaded by four
+    concurrent ``clbench sync`` processes; each tracked record is its own run's."""
     url, _ = server
     fast = [o for o in FAST if not o.startswith("tracking")]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
-    procs = []
-    for seed in range(4):
+    run = ["run", *fast, "strategy=linear_probe"]
+    assert run_cli([*run, "seed=0", f"runs_dir={tmp_path / 's0'}", f"tracking.uri={url}"]) == 0
+    for seed in range(1, 5):
         out = tmp_path / f"s{seed}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "clbench.cli",
-            "run",
-            *fast,
-            "strategy=linear_probe",
-            f"seed={seed}",
-            f"runs_dir={out}",
-            f"tracking.uri={url}",
-        ]
-        procs.append((out, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)))
-    records = []
-    for out, p in procs:
+        assert run_cli([*run, f"seed={seed}", f"runs_dir={out}", "tracking=none"]) == 0
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    sync = [sys.executable, "-m", "clbench.cli", "sync", "--tracking-uri", url]
+    procs = [
+        subprocess.Popen(
+            [*sync, str(only_run_dir(tmp_path / f"s{s}"))],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for s in range(1, 5)
+    ]
+    for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-        records.append(results_of(only_run_dir(out)))
+    records = [results_of(only_run_dir(tmp_path / f"s{s}")) for s in range(5)]
     assert all(r["tracking"]["status"] == "ok" for r in records)
-    assert len({r["tracking"]["run_id"] for r in records}) == 4
+    assert len({r["tracking"]["run_id"] for r in records}) == 5
 
     runs = read_runs(url, "clbench")
     by_id = {r.run_id: r.record for r in runs}
@@ -105,8 +106,8 @@ def test_parallel_runs_log_to_a_server_and_a_board_is_published(server, tmp_path
 
     board = build_boards(runs)["split_digits"]
     entry = next(e for e in board["entries"] if e["strategy"] == "linear_probe")
-    assert entry["n"] == 4 and entry["seeds"] == [0, 1, 2, 3]
+    assert entry["n"] == 5 and entry["seeds"] == [0, 1, 2, 3, 4]
     finals = [r["metrics"]["final_accuracy"] for r in records]
-    assert entry["metrics"]["final_accuracy"]["mean"] == pytest.approx(sum(finals) / 4, abs=1e-6)
+    assert entry["metrics"]["final_accuracy"]["mean"] == pytest.approx(sum(finals) / 5, abs=1e-6)
     written = publish(runs, tmp_path / "boards")
     assert json.loads(Path(written[0]).read_text())["entries"]

@@ -69,7 +69,7 @@ def test_sync_and_summarize_reject_a_malformed_record_in_one_line(finished, tmp_
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     _broken(finished, run_dir, seed="abc")
-    assert run_cli(["sync", str(run_dir)]) == 1
+    assert run_cli(["sync", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {run_dir / 'results.json'}: field 'seed' must be an integer, got 'abc'"]
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "summarize_runs.py"

@@ -10,6 +10,8 @@ the text embeddings of the class names instead). A backbone over precomputed fea
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,23 @@ from typing import Any
 from torch import nn
 
 Shape = tuple[int | None, ...]
+
+
+def torch_load_failure(e: BaseException) -> str:
+    """One line for a failed ``torch.load(..., weights_only=True)``: the global it refused
+    to unpickle (a checkpoint that would run code), or why the file is unreadable.
+    (torch's own message is a paragraph that suggests ``weights_only=False``.)"""
+    text = " ".join(str(e).split())
+    refused = re.search(r"unsupported GLOBAL (\S+?)[ .]*(?:whose|$)", text, re.I) or re.search(
+        r"Unsupported global: GLOBAL (\S+)", text
+    )
+    if refused:
+        return f"refused to unpickle {refused.group(1)} (only tensors are loaded, no code is run)"
+    if isinstance(e, pickle.UnpicklingError):
+        operand = re.search(r"Unsupported operand \S+", text)
+        why = operand.group(0) if operand else "not a pickle of tensors"
+        return f"not a torch.save file of tensors ({why})"
+    return f"{type(e).__name__}: {text.split('. ')[0]}"
 
 
 @dataclass

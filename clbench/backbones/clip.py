@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.backbones.base import Backbone
+from clbench.backbones.base import Backbone, torch_load_failure
 from clbench.errors import ClbenchError, ConfigError, first_line
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -205,7 +205,7 @@ class ClipViTB16Config:
 
 
 def _load_error(cfg: ClipViTB16Config, e: Exception) -> ClbenchError:
-    first = first_line(e)
+    first = torch_load_failure(e) if "Weights only load failed" in str(e) else first_line(e)
     return ClbenchError(
         f"cannot load CLIP weights {cfg.pretrained!r} for {cfg.model}: {first}; give "
         "backbone.pretrained=<open_clip tag> on a connected machine or the path of a weights file"

@@ -7,8 +7,13 @@ from pathlib import Path
 
 from clbench.backbones.base import Backbone
 from clbench.backbones.micro_vit import MICRO_VIT_ARCH, build_micro_vit
-from clbench.errors import ClbenchError
-from clbench.pretrain.train import DEFAULT_STEPS, ensure_pretrained, load_micro_vit
+from clbench.errors import ClbenchError, first_line
+from clbench.pretrain.train import (
+    DEFAULT_STEPS,
+    corrupt_cache_fix,
+    ensure_pretrained,
+    load_micro_vit,
+)
 
 
 @dataclass
@@ -37,10 +42,14 @@ def micro_vit(cfg: MicroViTConfig, progress: bool = True) -> Backbone:
                     f"backbone checkpoint not found: {str(path)!r}; give backbone.pretrained="
                     "glyphs, none, or the path of a .safetensors file"
                 )
-        try:
+        try:  # safetensors: tensors and a JSON header, nothing is unpickled
             module = load_micro_vit(path)
         except ValueError as e:
-            raise ClbenchError(str(e).splitlines()[0]) from e
+            if cfg.pretrained == "glyphs":
+                fix = corrupt_cache_fix(cfg.pretrain_seed, cfg.pretrain_steps)
+            else:
+                fix = "give backbone.pretrained=glyphs, none, or a micro ViT .safetensors file"
+            raise ClbenchError(f"{first_line(e)}; {fix}") from None
     arch = MICRO_VIT_ARCH
     return Backbone(
         name="micro_vit",

@@ -11,6 +11,7 @@ here downloads.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.backbones.base import Backbone
+from clbench.backbones.base import Backbone, torch_load_failure
 from clbench.errors import ClbenchError
 
 
@@ -121,10 +122,25 @@ def load_robustbench_state(model: WideResNet, path: str | Path) -> None:
         raise ClbenchError(
             f"missing WideResNet checkpoint {path} (a local file; nothing is downloaded)"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: the unpickler builds tensors and containers, never calls code
+        with warnings.catch_warnings():  # its notes on pickle protocols: one error line only
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or a pickle of anything but tensors
+        raise ClbenchError(
+            f"cannot read WideResNet checkpoint {path}: {torch_load_failure(e)}; expected a state "
+            "dict saved with torch.save"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ClbenchError(
+            f"{path} is not a WideResNet state dict (it holds {_describe(state)}); expected a "
+            "mapping of parameter names to tensors, or {'state_dict': ...} / {'model': ...}"
+        )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -139,6 +155,13 @@ def load_robustbench_state(model: WideResNet, path: str | Path) -> None:
             f"{path} does not fit WideResNet-{len(model.block1.layer) * 6 + 4}: "
             f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict):
+        kinds = sorted({type(v).__name__ for v in value.values()})
+        return f"a dict of {', '.join(kinds) or 'nothing'}"
+    return f"a {type(value).__name__}"
 
 
 @dataclass

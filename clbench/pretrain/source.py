@@ -13,17 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from clbench.backbones.base import Backbone
 from clbench.data import TensorBatches, materialise
-from clbench.errors import ClbenchError
+from clbench.errors import ClbenchError, first_line
 from clbench.models import ClassifierModel
 from clbench.pretrain.train import _save_atomic, cache_dir
 
@@ -81,7 +83,14 @@ def source_classifier(backbone: Backbone, scenario: Any, progress: bool = True) 
     recipe = source_recipe.as_dict()
     path = _cache_path(backbone, source_recipe.data_id, recipe)
     if path.is_file():
-        model.load_state_dict(load_file(str(path)), strict=True)
+        try:  # safetensors: tensors and a JSON header, nothing is unpickled
+            model.load_state_dict(load_file(str(path)), strict=True)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ClbenchError(
+                f"the cached source model {path} is corrupt ({type(e).__name__}: "
+                f"{first_line(e)}); delete it and run again: it is retrained "
+                f"(rm {shlex.quote(str(path))})"
+            ) from None
         return model.eval()
     x, y = materialise(streams["source"][0].dataset)[:2]
     epochs, lr, seed = int(recipe["epochs"]), float(recipe["lr"]), int(recipe["seed"])

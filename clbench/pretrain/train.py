@@ -195,6 +195,14 @@ def load_micro_vit(path: Path | str) -> VisionTransformer:
     return model.eval()
 
 
+def corrupt_cache_fix(seed: int, steps: int) -> str:
+    """What to do about a corrupt cached checkpoint of (seed, steps)."""
+    return (
+        f"the cached checkpoint is corrupt; remake it with: clbench pretrain --seed {seed} "
+        f"--steps {steps} --force"
+    )
+
+
 def ensure_pretrained(seed: int = 0, steps: int = DEFAULT_STEPS, progress: bool = True) -> Path:
     """Path of the cached pretrained checkpoint, pretraining it first if it is missing."""
     path = default_checkpoint_path(seed, steps)
