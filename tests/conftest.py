@@ -12,6 +12,9 @@ import pytest
 _CACHE = tempfile.mkdtemp(prefix="clbench-test-cache-")
 os.environ["CLBENCH_CACHE_DIR"] = _CACHE
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_CACHE}/guard-mlflow.db")
+# MLflow puts a SQLite store's artifacts under ./mlruns of the working directory, and a run
+# without runs_dir writes ./runs: the session works in a directory of its own.
+os.chdir(tempfile.mkdtemp(prefix="clbench-test-cwd-"))
 
 
 @pytest.fixture(scope="session")

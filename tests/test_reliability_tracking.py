@@ -244,3 +244,18 @@ def test_sync_of_a_run_without_a_uri_goes_to_the_default_store_not_the_last_one(
         [MlflowClient(explicit).get_experiment_by_name("clbench").experiment_id]
     )
     assert [r.data.tags["seed"] for r in runs] == ["0"]
+
+
+def test_checkpoints_are_never_uploaded(tmp_path):
+    """A run directory still holding its checkpoint (a killed run synced, or tracking
+    before the checkpoint is dropped) uploads everything but the checkpoint files."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    record = make_record(0, run_dir)
+    for name in ("checkpoint.safetensors", "checkpoint.json", ".checkpoint.safetensors.tmp"):
+        (run_dir / name).write_bytes(b"state")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.log_run(record, run_dir, uri, "clbench")
+    names = sorted(a.path for a in MlflowClient(uri).list_artifacts(run_id))
+    assert names == ["config.yaml", "results.json"]
