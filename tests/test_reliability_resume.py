@@ -99,3 +99,25 @@ def test_a_planted_checkpoint_is_refused_in_one_line_and_never_executed(tmp_path
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert name in err[0]
     assert not marker.exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temporary_file(
+    tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    import safetensors.torch
+
+    from helpers import FAST
+
+    def full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half")  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert run_cli(["run", *FAST, f"runs_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write "), err
+    assert "checkpoint.safetensors: No space left on device" in err[0]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
