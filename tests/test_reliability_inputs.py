@@ -390,3 +390,13 @@ def test_the_qpsolvers_import_warning_is_silenced_narrowly(tmp_path):
     assert "no QP solver found" in stderr_of("import qpsolvers")  # the stub warns
     err = stderr_of("import clbench, qpsolvers")
     assert "no QP solver found" not in err and "another qpsolvers warning" in err
+
+
+def test_a_diverging_class_incremental_run_names_the_experience_from_1(tmp_path, capsys):
+    args = ["run", *FAST, "strategy=finetune", "strategy.optimizer=sgd", "strategy.lr=1e20"]
+    assert run_cli([*args, f"runs_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: training loss became nan at experience 1, step 2; lower strategy.lr or check "
+        "the data"
+    ]
