@@ -2,9 +2,11 @@
 
 Test-time strategies follow a small interface (Avalanche has no test-time template):
 ``setup(source)`` once before the stream, ``adapt(x)`` returns the prediction for a test
-batch and learns from it, ``predict(x)`` predicts without learning, ``reset()`` returns
-to the exact source state (weights, teacher, optimizer and method state). They work on a
-:class:`~clbench.models.ClassifierModel` whose head already classifies (the source model).
+batch and learns from it (``steps`` times ``adapt_step``, returning the last step's output,
+as the official codes loop ``forward_and_adapt``), ``predict(x)`` predicts without learning,
+``reset()`` returns to the exact source state (weights, teacher, optimizer and method
+state). They work on a :class:`~clbench.models.ClassifierModel` whose head already
+classifies (the source model).
 Defaults are the official code's (docs/methods.md); each YAML in conf/strategy/ names its source.
 """
 
@@ -31,11 +33,13 @@ from clbench.adapters.tta import (
     fisher_diagonal,
     make_frozen_layers_lean,
     norm_affine_parameters,
+    seeded_subset,
     soft_cross_entropy,
     softmax_entropy,
     stochastic_restore_,
     train_only,
     use_batch_statistics,
+    weight_bias_parameters,
 )
 from clbench.backbones.wideresnet import WideResNet
 from clbench.checks import check_choice, check_positive, check_range
@@ -65,7 +69,7 @@ class OptimizedConfig(TTAConfig):
     beta1: float = 0.9  # Adam's first beta (the second is 0.999)
     momentum: float = 0.9  # SGD
     weight_decay: float = 0.0
-    steps: int = 1  # gradient steps per test batch
+    steps: int = 1  # adapt steps (forward + update) per test batch; the last one predicts
 
     def __post_init__(self) -> None:
         check_choice("strategy.optimizer", self.optimizer, OPTIMIZERS)
@@ -76,9 +80,13 @@ class OptimizedConfig(TTAConfig):
         check_positive("strategy.steps", self.steps)
 
 
-def _source_batches(source: Dataset, batch_size: int, limit: int) -> list[torch.Tensor]:
-    """The first ``limit`` source samples (in dataset order) in batches."""
-    x = materialise(source)[0][:limit]
+def _source_batches(
+    source: Dataset, batch_size: int, limit: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """``limit`` source samples drawn at random (``generator``), in batches in drawn order:
+    the official codes' random subset read through a shuffled loader."""
+    x = materialise(source)[0]
+    x = x[seeded_subset(len(x), limit, generator)]
     return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
 
 
@@ -107,7 +115,10 @@ class TTAStrategy(Learner):
         self.batch_size = self.stream.batch_size
         self.setup_seconds = 0.0  # measured by the protocol around setup()
         self.num_classes = int(model.head.num_classes)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        #: adapt steps per test batch (strategies without the option: 1)
+        self.steps = int(getattr(cfg, "steps", 1))
         self.optimizer: torch.optim.Optimizer | None = None
         self._snapshot: Snapshot | None = None
         self.counts: dict[str, float] = {}  # what the method did, summed over the stream
@@ -126,9 +137,21 @@ class TTAStrategy(Learner):
     def reset_state(self) -> None:
         """Method state besides weights and optimizer (e.g. EATA's moving probabilities)."""
 
-    @torch.no_grad()
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        """The prediction (logits) for a test batch; adapting strategies learn from it."""
+        """The prediction (logits) for a test batch; adapting strategies learn from it.
+
+        Runs :meth:`adapt_step` ``steps`` times on the batch and returns the last step's
+        output, as the official codes' ``for _ in range(steps): outputs =
+        forward_and_adapt(x)``.
+        """
+        logits = self.adapt_step(x)
+        for _ in range(self.steps - 1):
+            logits = self.adapt_step(x)
+        return logits
+
+    @torch.no_grad()
+    def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One forward (and update, for adapting strategies); returns its prediction."""
         return self.model(x)
 
     @torch.no_grad()
@@ -214,16 +237,13 @@ class Tent(NormAffine):
 
     Config = TentConfig
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        first = None
-        for _ in range(self.cfg.steps):
-            logits = self.model(x)
-            loss = softmax_entropy(logits).mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            first = logits.detach() if first is None else first
-        return first  # the prediction of the forward pass before the update
+    def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        loss = softmax_entropy(logits).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return logits.detach()  # this step's forward, before its update
 
 
 @dataclass
@@ -249,13 +269,19 @@ class CoTTAConfig(OptimizedConfig):
 
 
 class MeanTeacher(TTAStrategy):
-    """A student trained on every parameter, an EMA teacher, the frozen source weights."""
+    """A student trained on every weight and bias, an EMA teacher, the frozen source weights.
+
+    The trained (and restored) set is the official codes' ``collect_params``: every
+    module's own ``weight`` and ``bias``. Other parameters (a ViT's ``cls_token``,
+    ``pos_embed``, register tokens) are not in their optimizer, so they keep their source
+    values: here they are frozen.
+    """
 
     def configure(self) -> None:
         use_batch_statistics(self.model)
         self.model.train()
-        self.model.requires_grad_(True)
-        self.params = dict(self.model.named_parameters())
+        self.params = weight_bias_parameters(self.model)
+        train_only(self.model, self.params.values())
         self.source_params = {n: p.detach().clone() for n, p in self.params.items()}
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = self.build_optimizer(list(self.params.values()))
@@ -300,7 +326,7 @@ class CoTTA(MeanTeacher):
         ]
         return torch.stack(views).mean(0)
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+    def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
         target = self.teacher_output(x)
         loss = soft_cross_entropy(logits, target).mean()
@@ -356,7 +382,9 @@ class FisherAnchored(TTAStrategy):
                 f"{self.cfg.name} computes its Fisher on clean source samples and the scenario "
                 "has none; set strategy.fisher_alpha=0 to run without the penalty"
             )
-        batches = _source_batches(source, self.batch_size, self.cfg.fisher_size)
+        # a random subset in random order, seeded by the run's seed (not the shared generator)
+        generator = torch.Generator().manual_seed(self.seed)
+        batches = _source_batches(source, self.batch_size, self.cfg.fisher_size, generator)
         self.fisher = fisher_diagonal(
             self.model, (b.to(self.device) for b in batches), self.fisher_params
         )
@@ -410,7 +438,7 @@ class EATA(FisherAnchored, NormAffine):
         self.count(samples=len(logits), reliable_samples=len(reliable), selected_samples=len(keep))
         return keep
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+    def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
         keep = self.select(logits)
         if len(keep):
@@ -460,7 +488,7 @@ class PSMT(FisherAnchored, MeanTeacher):
         self.compute_fisher(source, self.params)
         super().setup(source)
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+    def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
         with torch.no_grad():
             target = self.teacher(x)
@@ -476,7 +504,9 @@ class PSMT(FisherAnchored, MeanTeacher):
         with torch.no_grad():
             m = self.cfg.ema
             restored = 0
-            for (name, p), t in zip(self.params.items(), self.teacher.parameters(), strict=True):
+            teacher = dict(self.teacher.named_parameters())
+            for name, p in self.params.items():
+                t = teacher[name]
                 low = grads[name] < threshold if name in grads else torch.zeros_like(p, dtype=bool)
                 p.copy_(torch.where(low, self.source_params[name], p))
                 t.copy_(torch.where(low, t, m * t + (1 - m) * p))
@@ -598,7 +628,7 @@ class EcoTTA(TTAStrategy):
         """Sum over partitions of the mean L1 between meta output and frozen output."""
         return sum((out - frozen).abs().mean() for out, frozen in (p.last for p in self.parts))
 
-    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+    def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
         entropy = softmax_entropy(logits)
         kept = entropy[entropy < self.e0]

@@ -13,9 +13,13 @@ from torch import nn
 
 from clbench.adapters.tta import (
     cotta_augment,
+    fisher_diagonal,
     norm_affine_parameters,
+    seeded_subset,
+    soft_cross_entropy,
     softmax_entropy,
     stochastic_restore_,
+    use_batch_statistics,
 )
 from clbench.backbones.micro_vit import build_micro_vit
 from clbench.backbones.wideresnet import WideResNet
@@ -49,12 +53,12 @@ def vit_model(seed: int = 0) -> ClassifierModel:
     return model.eval()
 
 
-def make(name: str, model: nn.Module, source=None, **cfg) -> object:
+def make(name: str, model: nn.Module, source=None, seed: int = 0, **cfg) -> object:
     cls = STRATEGIES.get(name)
     st = cls(
         model=model,
         cfg=cls.Config(name=name, **cfg),
-        seed=0,
+        seed=seed,
         stream=DomainStream(domains=(), batch_size=8, value_range=(-1.0, 1.0)),
     )
     st.setup(source)
@@ -318,3 +322,176 @@ def test_ecotta_frozen_encoder_statistics(frozen_bn):
     assert (stem_bn.running_var is not None) is (frozen_bn == "source")
     assert all(p.meta_bn.running_var is None for p in st.parts)  # meta BN: batch statistics
     st.adapt(batch(51))
+
+
+# ------------------------------------------------- several updates per batch (steps)
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def equal_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("build", [bn_model, vit_model])
+def test_tent_with_several_steps_returns_the_last_iterations_forward(build):
+    model = build()
+    ref = copy.deepcopy(model)
+    st = make("tent", model, steps=3)
+    x = batch(60)
+    out = st.adapt(x)
+    # the official loop: for _ in range(steps): outputs = forward_and_adapt(x)
+    use_batch_statistics(ref)
+    ref.train()
+    params = list(norm_affine_parameters(ref).values())
+    ref.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999))
+    forwards = []
+    for _ in range(3):
+        logits = ref(x)
+        softmax_entropy(logits).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        forwards.append(logits.detach())
+    assert torch.equal(out, forwards[2]) and not torch.equal(out, forwards[0])
+    assert equal_params(params_of(st.model), params_of(ref))
+
+
+def test_cotta_with_two_steps_is_two_full_adapt_steps():
+    x = batch(61)
+    kw = {"anchor_threshold": 0.0, "restore_p": 0.0}  # no augmentation, no restore
+    one = make("cotta", bn_model(), steps=1, **kw)
+    two = make("cotta", bn_model(), steps=2, **kw)
+    one.adapt(x)
+    out = two.adapt(x)
+    assert not equal_params(params_of(one.model), params_of(two.model))
+    # by hand: student CE to the teacher's soft labels, Adam step, teacher EMA; twice
+    student = bn_model()
+    use_batch_statistics(student)
+    student.train()
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    for _ in range(2):
+        logits = student(x)
+        with torch.no_grad():
+            target = teacher(x)
+        soft_cross_entropy(logits, target).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+                t.mul_(0.999).add_(s, alpha=0.001)
+    assert torch.equal(out, target)  # the last step's teacher output
+    assert equal_params(params_of(two.model), params_of(student))
+    assert equal_params(params_of(two.teacher), params_of(teacher))
+    # with restore on, two steps equal two single steps drawing from the same generator
+    a = make("cotta", bn_model(), steps=2, anchor_threshold=0.0, restore_p=0.3)
+    b = make("cotta", bn_model(), steps=1, anchor_threshold=0.0, restore_p=0.3)
+    out_a = a.adapt(x)
+    out_b = [b.adapt(x) for _ in range(2)][-1]
+    assert torch.equal(out_a, out_b) and equal_params(params_of(a.model), params_of(b.model))
+
+
+def test_eata_with_two_steps_is_two_full_adapt_steps():
+    x = batch(62)
+    kw = {"fisher_size": 32, "e_margin": 1.0, "d_margin": 1.0}  # every sample used
+    one = make("eata", bn_model(), source=source_data(), steps=1, **kw)
+    two = make("eata", bn_model(), source=source_data(), steps=2, **kw)
+    one.adapt(x)
+    out = two.adapt(x)
+    assert not equal_params(params_of(one.model), params_of(two.model))
+    # by hand: weighted entropy + Fisher penalty, SGD step; twice (the same Fisher)
+    ref = bn_model()
+    use_batch_statistics(ref)
+    ref.train()
+    params = norm_affine_parameters(ref)
+    opt = torch.optim.SGD(params.values(), lr=2.5e-4, momentum=0.9)
+    for _ in range(2):
+        logits = ref(x)
+        h = softmax_entropy(logits)
+        loss = (h * torch.exp(-(h.detach() - two.e0))).mean()
+        for n, f in two.fisher.items():
+            loss = loss + 2000.0 * (f * (params[n] - two.anchor_params[n]) ** 2).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(out, logits.detach())  # the last step's forward
+    for n, p in two.norm_params.items():
+        assert torch.allclose(p, params[n], atol=1e-7), n
+    assert two.counts["samples"] == 2 * len(x)  # both steps filtered the batch
+
+
+@pytest.mark.parametrize("name", ["tent", "cotta", "eata", "psmt", "ecotta"])
+def test_every_optimised_strategy_loops_the_whole_adapt_step(name):
+    extra = {"ecotta": {"warmup_epochs": 0}, "eata": {"fisher_size": 16}}.get(name, {})
+    extra |= {"psmt": {"fisher_size": 16}}.get(name, {})
+    st = make(name, bn_model(), source=source_data(), steps=3, **extra)
+    outputs = []
+    step = st.adapt_step
+    st.adapt_step = lambda x: outputs.append(step(x)) or outputs[-1]
+    out = st.adapt(batch(63))
+    assert len(outputs) == 3 and out is outputs[-1]
+
+
+# ----------------------------------------------- CoTTA's parameter set on a ViT
+def reference_cotta_set(model: nn.Module) -> set[str]:
+    """The official collect_params / restore loop, verbatim in structure."""
+    names = set()
+    for nm, m in model.named_modules():
+        for npp, _ in m.named_parameters():
+            if npp in ["weight", "bias"]:
+                names.add(f"{nm}.{npp}" if nm else npp)
+    return names
+
+
+@pytest.mark.parametrize("name", ["cotta", "psmt"])
+def test_mean_teachers_train_and_restore_the_references_set_on_a_vit(name):
+    model = vit_model()
+    expected = reference_cotta_set(model)
+    assert {"backbone.cls_token", "backbone.pos_embed"}.isdisjoint(expected)
+    extra = {"cotta": {"anchor_threshold": 0.0, "restore_p": 0.0}, "psmt": {"fisher_size": 16}}
+    st = make(name, model, source=source_data(), lr=1e-2, **extra[name])
+    trainable = {n for n, p in st.model.named_parameters() if p.requires_grad}
+    assert trainable == set(st.params) == set(st.source_params) == expected
+    before = params_of(st.model)
+    teacher_before = params_of(st.teacher)
+    st.adapt(batch(64))
+    assert changed(before, params_of(st.model)) == expected
+    for n in ("backbone.cls_token", "backbone.pos_embed"):  # kept at their source values
+        assert torch.equal(st.model.get_parameter(n), before[n])
+        # the teacher's EMA (over every parameter, as the official code) of equal values
+        assert torch.allclose(st.teacher.get_parameter(n), teacher_before[n], rtol=1e-6)
+
+
+def test_cotta_restore_covers_exactly_the_trained_set_on_a_vit():
+    st = make("cotta", vit_model(), anchor_threshold=0.0, restore_p=1.0, lr=1e-2)
+    before = params_of(st.model)
+    st.adapt(batch(65))
+    assert st.last_restored == 1.0  # every element of the set returned to source
+    assert not changed(before, params_of(st.model))
+
+
+# ----------------------------------------------------- EATA's Fisher data subset
+def test_eata_fisher_uses_a_seeded_random_subset_of_the_source():
+    source = source_data(32)
+    kw = {"source": source, "fisher_size": 8}
+
+    def fisher(seed: int) -> dict[str, torch.Tensor]:
+        return make("eata", bn_model(), seed=seed, **kw).fisher
+
+    def by_hand(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        ref = bn_model()
+        use_batch_statistics(ref)
+        ref.train()
+        return fisher_diagonal(ref, [x], norm_affine_parameters(ref))
+
+    idx = seeded_subset(32, 8, torch.Generator().manual_seed(3))
+    assert idx.tolist() != list(range(8)) and len(set(idx.tolist())) == 8
+    f3, f4, f3_again = fisher(3), fisher(4), fisher(3)
+    assert equal_params(f3, f3_again) and not equal_params(f3, f4)
+    for n, f in by_hand(source.tensors[0][idx]).items():
+        assert torch.allclose(f3[n], f, rtol=1e-5, atol=1e-9), n
+    first_n = by_hand(source.tensors[0][:8])
+    assert not all(torch.allclose(f3[n], first_n[n]) for n in first_n)

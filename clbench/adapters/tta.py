@@ -63,6 +63,17 @@ def norm_affine_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def weight_bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every module's own ``weight`` and ``bias``, by name (CoTTA's ``collect_params``).
+
+    The official loop ``for nm, m in model.named_modules(): for npp, p in
+    m.named_parameters(): if npp in ['weight', 'bias']`` keeps exactly the parameters whose
+    name ends in ``weight`` or ``bias``; a ViT's ``cls_token``, ``pos_embed`` and register
+    tokens (direct parameters of the transformer, named otherwise) are left out.
+    """
+    return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("weight", "bias")}
+
+
 def train_only(model: nn.Module, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     """Freeze every parameter of ``model`` except ``params``; returns them as a list."""
     keep = list(params)
@@ -113,6 +124,12 @@ def stochastic_restore_(
         restored += int(mask.sum())
         total += mask.numel()
     return restored / max(total, 1)
+
+
+def seeded_subset(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of ``min(size, n)`` of ``n`` samples drawn without replacement, in random
+    order (a random subset read through a shuffled loader, as EATA's and PSMT's Fisher)."""
+    return torch.randperm(n, generator=generator)[:size]
 
 
 def fisher_diagonal(
