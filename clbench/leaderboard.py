@@ -1,15 +1,19 @@
 """Leaderboards from tracked runs: ``clbench leaderboard publish``.
 
 Reads every finished run of an MLflow experiment (its ``results.json`` artifact, the same
-record as the run directory's), groups the runs by (scenario, strategy, backbone), keeps
-one run per seed (the latest), aggregates over seeds (mean, sample std, n), ranks each
-scenario's groups by the scenario kind's primary metric, and writes
+record as the run directory's), groups the runs by scenario, strategy, backbone and the
+rest of the resolved configuration (everything but the :data:`BOOKKEEPING_KEYS`), keeps
+one run per seed (the latest) in each group, aggregates over seeds (mean, sample std, n),
+ranks each scenario's groups by the scenario kind's primary metric, and writes
 
 - ``<out>/<scenario>.json``: the board as data, with provenance (run ids and names, git
   commits, clbench versions, hardware);
 - ``<out>/<scenario>.md``: the same as a Markdown table and a provenance list;
 - ``<out>/index.html``: every board with two inline SVG plots (the kind's per-step curve,
   per strategy; the primary metric with error bars).
+
+Two groups of one strategy and backbone that differ in configuration are separate entries,
+each labelled with the values that tell it from the others (``lora (strategy.lr=0.01)``).
 
 What a board ranks by, its columns and its curve come from the scenario kind's
 :class:`~clbench.protocols.base.BoardSpec` (its protocol's ``board``); this module
@@ -148,13 +152,87 @@ def _r(v: float) -> float:
     return float(f"{v:.6g}")
 
 
-def latest_per_seed(runs: Iterable[TrackedRun]) -> dict[tuple[str, str, str], list[TrackedRun]]:
-    """Runs grouped by (scenario, strategy, backbone); per seed the latest run only."""
-    groups: dict[tuple[str, str, str], dict[int, TrackedRun]] = defaultdict(dict)
+#: top-level keys of a run's resolved configuration that are bookkeeping, not part of what
+#: was run: runs that differ only in these share a board entry (``tracking`` and ``hydra``
+#: with everything under them). Every other key, nested ones as dotted paths
+#: (``strategy.lr``, ``scenario.n_experiences``, ``backbone.checkpoint``), tells entries apart.
+BOOKKEEPING_KEYS: tuple[str, ...] = (
+    "seed",
+    "runs_dir",
+    "progress",
+    "device",
+    "checkpoint",
+    "tracking",
+    "hydra",
+)
+
+#: a board group: (scenario, strategy, backbone, configuration fingerprint)
+GroupKey = tuple[str, str, str, str]
+
+
+def run_configuration(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What defines a run's board entry besides its names: its resolved configuration
+    without the :data:`BOOKKEEPING_KEYS`, flattened to dotted keys."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, Mapping) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk({k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS}, "")
+    return out
+
+
+def _fingerprint(configuration: Mapping[str, Any]) -> str:
+    """A short, stable id of a flattened configuration."""
+    text = json.dumps(configuration, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def latest_per_seed(runs: Iterable[TrackedRun]) -> dict[GroupKey, list[TrackedRun]]:
+    """Runs grouped by (scenario, strategy, backbone, configuration fingerprint); per seed
+    the latest run only."""
+    groups: dict[GroupKey, dict[int, TrackedRun]] = defaultdict(dict)
     for run in sorted(runs, key=lambda r: (r.start_time, r.run_id)):
         rec = run.record
-        groups[(rec.scenario, rec.strategy, rec.backbone)][rec.seed] = run
+        config_id = _fingerprint(run_configuration(rec.config))
+        groups[(rec.scenario, rec.strategy, rec.backbone, config_id)][rec.seed] = run
     return {k: [v[s] for s in sorted(v)] for k, v in groups.items()}
+
+
+def _show_value(v: Any) -> str:
+    """A configuration value as a Hydra override writes it (``0.01``, ``true``, ``[a,b]``)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list | tuple):
+        return "[" + ",".join(_show_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ",".join(f"{k}:{_show_value(x)}" for k, x in sorted(v.items())) + "}"
+    return json.dumps(v)
+
+
+def config_labels(configurations: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """config id -> label: the dotted keys whose values differ between the configurations
+    (of one strategy and backbone on one board), as ``key=value`` (``key unset`` where a
+    configuration lacks the key); empty when there is only one configuration."""
+    if len(configurations) < 2:
+        return {cid: "" for cid in configurations}
+
+    def canon(c: Mapping[str, Any], k: str) -> str | None:
+        return json.dumps(c[k], sort_keys=True, default=str) if k in c else None
+
+    keys = sorted({k for c in configurations.values() for k in c})
+    differ = [k for k in keys if len({canon(c, k) for c in configurations.values()}) > 1]
+    labels = {
+        cid: ", ".join(f"{k}={_show_value(c[k])}" if k in c else f"{k} unset" for k in differ)
+        for cid, c in configurations.items()
+    }
+    if len(set(labels.values())) < len(labels):  # values that print alike ("1" and 1)
+        labels = {cid: f"{label}, config {cid}" for cid, label in labels.items()}
+    return labels
 
 
 def _curve(runs: Sequence[TrackedRun], key: str) -> list[float | None]:
@@ -168,7 +246,13 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
     by_scenario: dict[str, list[dict[str, Any]]] = defaultdict(list)
     kinds: dict[str, str] = {}
     specs: dict[str, BoardSpec] = {}
-    for (scenario, strategy, backbone), group in latest_per_seed(runs).items():
+    grouped = latest_per_seed(runs)
+    configurations: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for (scenario, strategy, backbone, config_id), group in grouped.items():
+        configuration = run_configuration(group[0].record.config)
+        configurations[(scenario, strategy, backbone)][config_id] = configuration
+    labels = {name: config_labels(confs) for name, confs in configurations.items()}
+    for (scenario, strategy, backbone, config_id), group in grouped.items():
         kind = group[0].record.kind
         if kinds.setdefault(scenario, kind) != kind:
             raise ClbenchError(
@@ -189,6 +273,8 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
             {
                 "strategy": strategy,
                 "backbone": backbone,
+                "config_id": config_id,
+                "config_label": labels[(scenario, strategy, backbone)][config_id],
                 "n": len(group),
                 "seeds": [r.record.seed for r in group],
                 "uses_task_id": any(r.record.uses_task_id for r in group),
@@ -213,7 +299,7 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
             m = e["metrics"][primary]["mean"]
             missing = m is None
             value = 0.0 if missing else (-m if higher else m)
-            return (missing, value, e["strategy"], e["backbone"])
+            return (missing, value, e["strategy"], e["backbone"], e["config_label"])
 
         ranked = sorted(entries, key=order)
         for i, e in enumerate(ranked, 1):
@@ -274,8 +360,11 @@ def _fmt(stat: Mapping[str, Any] | None) -> str:
 
 
 def _labels(board: Mapping[str, Any]) -> list[str]:
+    """The metric columns' headers, for the metrics the board holds (a board published by
+    an earlier clbench may hold fewer)."""
     spec = board_spec(board["kind"])
-    return [spec.primary.label] + [c.label for c in spec.secondary]
+    known = {c.key: c.label for c in (spec.primary, *spec.secondary)}
+    return [spec.primary.label] + [known.get(k, k) for k in board["secondary_metrics"]]
 
 
 def _cells(board: Mapping[str, Any], e: Mapping[str, Any]) -> list[str]:
@@ -292,9 +381,15 @@ TASK_ID_NOTE = (
 )
 
 
+def _entry_name(e: Mapping[str, Any]) -> str:
+    """The entry's strategy name with its configuration label, if it has one."""
+    label = e.get("config_label")
+    return f"{e['strategy']} ({label})" if label else str(e["strategy"])
+
+
 def _name(e: Mapping[str, Any]) -> str:
-    """The entry's strategy name, marked † when it uses the task id."""
-    return str(e["strategy"]) + (" †" if e.get("uses_task_id") else "")
+    """The entry's name (:func:`_entry_name`), marked † when it uses the task id."""
+    return _entry_name(e) + (" †" if e.get("uses_task_id") else "")
 
 
 def _has_task_id(board: Mapping[str, Any]) -> bool:
@@ -310,7 +405,7 @@ def _provenance(e: Mapping[str, Any], esc: Callable[[Any], str], code: Callable[
         k: ", ".join(esc(v) for v in p[k]) for k in ("git_commits", "clbench_versions", "hardware")
     }
     return (
-        f"{esc(e['strategy'])} / {esc(e['backbone'])}: seeds "
+        f"{esc(_entry_name(e))} / {esc(e['backbone'])}: seeds "
         f"{', '.join(map(str, e['seeds']))}; runs {runs}; git {joined['git_commits']}; "
         f"clbench {joined['clbench_versions']}; hardware {joined['hardware']}"
     )
@@ -398,7 +493,7 @@ def _svg_curves(board: Mapping[str, Any]) -> str:
     for k, e in enumerate(entries):
         color = PALETTE[k % len(PALETTE)]
         pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(e["curve"]) if v is not None)
-        name = esc_any(f"{e['strategy']} ({e['backbone']})")
+        name = esc_any(f"{_entry_name(e)} ({e['backbone']})")
         parts.append(
             f'<polyline class="curve" fill="none" stroke="{color}" stroke-width="2" '
             f'points="{pts}"><title>{name}</title></polyline>'
@@ -408,7 +503,7 @@ def _svg_curves(board: Mapping[str, Any]) -> str:
             f'<line x1="{left + pw + 10}" y1="{ly}" x2="{left + pw + 24}" y2="{ly}" '
             f'stroke="{color}" stroke-width="2"/>'
             f'<text x="{left + pw + 28}" y="{ly + 4}" font-size="11">'
-            f"{esc_any(e['strategy'])}</text>"
+            f"{esc_any(_entry_name(e))}</text>"
         )
     parts.append("</svg>")
     return "\n".join(parts)
@@ -438,10 +533,10 @@ def _svg_bars(board: Mapping[str, Any]) -> str:
     for k, e in enumerate(entries):
         m = e["metrics"][primary]
         yy = top + k * (bar + 8)
-        name = esc_any(f"{e['strategy']} ({e['backbone']})")
+        name = esc_any(f"{_entry_name(e)} ({e['backbone']})")
         parts.append(
             f'<text x="{left - 6}" y="{yy + bar - 5}" font-size="11" text-anchor="end">'
-            f"{esc_any(e['strategy'])}</text>"
+            f"{esc_any(_entry_name(e))}</text>"
         )
         parts.append(
             f'<rect class="bar" x="{left}" y="{yy}" width="{x(m["mean"]) - left:.1f}" '

@@ -5,8 +5,13 @@ Definitions and the toolbox conventions they match: docs/protocols.md
 
 ``R[t][i]`` is the accuracy on test experience ``i`` after training experience ``t``
 (0-based, ``T`` experiences, test experience ``i`` holds the classes of training
-experience ``i``). Missing entries (a task-aware accuracy that cannot be computed)
-are NaN and are skipped where a definition allows it.
+experience ``i``). Missing entries (a task-aware accuracy that cannot be computed, an
+initial accuracy the model had no output unit for) are NaN and are skipped where a
+definition allows it.
+
+NaN is clbench's one convention for "not available": a metric that is undefined for a run
+(FWT with a growing head, forgetting for a single experience) is NaN here, ``null`` in
+results.json, ``n/a`` in printed summaries and on boards, and is not logged to MLflow.
 """
 
 from __future__ import annotations
@@ -77,7 +82,12 @@ def bwt(r: Matrix) -> float:
 
 
 def fwt(r: Matrix, initial: Sequence[float | None]) -> float:
-    """Forward transfer: mean over i > 0 of R[i-1][i] - b_i (b: the initial model's accuracies)."""
+    """Forward transfer: mean over i > 0 of R[i-1][i] - b_i (b: the initial model's accuracies).
+
+    A term whose b_i is missing (``None`` / NaN: the initial model had no output unit for
+    experience i's classes, so b_i is no measurement) is skipped; NaN (not available) when
+    no term is left, which is every run with a growing head.
+    """
     a = as_matrix(r)
     b = np.array([np.nan if v is None else v for v in initial], dtype=float)
     return _mean([a[i - 1, i] - b[i] for i in range(1, a.shape[0])])

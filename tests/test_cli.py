@@ -18,8 +18,10 @@ def test_run_writes_run_directory(tmp_path, capsys):
     assert "accuracy matrix" in out
     res = results_of(run_dir)
     assert len(res["accuracy_matrix"]) == 2 and len(res["accuracy_matrix"][0]) == 2
-    for key in ("final_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt"):
+    for key in ("final_accuracy", "average_incremental_accuracy", "forgetting", "bwt"):
         assert isinstance(res["metrics"][key], float)
+    assert res["metrics"]["fwt"] is None  # growing head: not available (docs/protocols.md)
+    assert f"{'fwt':>30}: n/a" in out
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "accuracy_matrix.png").stat().st_size > 1000
     assert res["efficiency"]["trainable_params"] > 0

@@ -26,7 +26,7 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from clbench import metrics, plots, statefile
 from clbench.config import to_container
-from clbench.errors import ClbenchError, first_line
+from clbench.errors import ClbenchError, ConfigError, first_line
 from clbench.progress import ProgressPlugin
 from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
 from clbench.record import RunRecord
@@ -38,15 +38,18 @@ NAN = float("nan")
 
 
 class PredictionRecorder(SupervisedPlugin):
-    """Collects, per evaluated experience, task-agnostic and task-aware hits."""
+    """Collects, per evaluated experience, task-agnostic and task-aware hits, and whether
+    the model had an output unit for any of the experience's classes."""
 
     def __init__(self, classes_per_experience: list[list[int]]) -> None:
         super().__init__()
         self.classes = classes_per_experience
         self.hits: dict[int, list[torch.Tensor]] = {}
+        self.covered: dict[int, bool] = {}
 
     def reset(self) -> None:
         self.hits = {}
+        self.covered = {}
 
     def after_eval_iteration(self, strategy: Any, **kwargs: Any) -> None:
         exp = int(strategy.experience.current_experience)
@@ -57,18 +60,25 @@ class PredictionRecorder(SupervisedPlugin):
         else:
             agnostic = logits.argmax(1) == y
         known = [c for c in self.classes[exp] if c < n_out]
+        self.covered[exp] = bool(known)
         if known:
             aware = mask_logits(logits, known).argmax(1) == y
         else:
             aware = torch.full_like(y, -1)  # cannot be computed: no unit for these classes
         self.hits.setdefault(exp, []).append(torch.stack([agnostic.long(), aware.long()]))
 
-    def accuracies(self, n_experiences: int) -> tuple[list[float], list[float]]:
+    def accuracies(
+        self, n_experiences: int, initial: bool = False
+    ) -> tuple[list[float], list[float]]:
+        """Task-agnostic and task-aware accuracy per test experience. ``initial``: the
+        evaluation before any training, where an experience with no output unit for any of
+        its classes is no measurement (NaN) task-agnostic too (its 0 is by construction)."""
         agnostic, aware = [], []
         for e in range(n_experiences):
             h = torch.cat(self.hits[e], dim=1)
             n = h.shape[1]
-            agnostic.append(int(h[0].sum()) / n)
+            unmeasured = initial and not self.covered.get(e, True)
+            agnostic.append(NAN if unmeasured else int(h[0].sum()) / n)
             aware.append(NAN if bool((h[1] < 0).any()) else int(h[1].sum()) / n)
         return agnostic, aware
 
@@ -137,22 +147,22 @@ def run_class_incremental(
     passes = BackbonePasses(stems or [])
     train_samples = eval_samples = train_passes = eval_passes = 0
 
-    def evaluate() -> tuple[list[float], list[float]]:
+    def evaluate(initial: bool = False) -> tuple[list[float], list[float]]:
         nonlocal eval_samples, eval_passes
         recorder.reset()
         before = passes.count
         strategy.eval(test_stream)
         eval_passes += passes.count - before
         eval_samples += sum(res.test_sizes)
-        return recorder.accuracies(n)
+        return recorder.accuracies(n, initial=initial)
 
     try:
         if start > 0:
             pass  # resumed: the initial evaluation is in ``res`` already
         elif strategy.model.head.num_classes > 0:
-            res.initial_accuracy, res.initial_accuracy_task_aware = evaluate()
-        else:  # no output unit yet: nothing can be predicted
-            res.initial_accuracy, res.initial_accuracy_task_aware = [0.0] * n, [NAN] * n
+            res.initial_accuracy, res.initial_accuracy_task_aware = evaluate(initial=True)
+        else:  # no output unit yet: nothing is predicted, so nothing is measured (FWT n/a)
+            res.initial_accuracy, res.initial_accuracy_task_aware = [NAN] * n, [NAN] * n
         for t, experience in enumerate(scenario.train_stream):
             if t < start:
                 continue
@@ -244,10 +254,15 @@ HEADLINE = (
     "final_accuracy_task_avg",
     "average_incremental_accuracy",
     "forgetting",
+    "forgetting_incl_final",
     "bwt",
     "fwt",
     "plasticity",
 )
+#: board labels of the two forgetting conventions (docs/protocols.md): Chaudhry's max over
+#: the rows before the final one, and the PILOT / mammoth max that includes the final row
+FORGETTING_LABEL = "forgetting (max excl. final row)"
+FORGETTING_INCL_FINAL_LABEL = "forgetting (max incl. final row: PILOT, mammoth)"
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_INFO = "checkpoint.json"
 #: what clbench before the data-only checkpoint wrote (a pickle): refused, never loaded
@@ -273,7 +288,8 @@ class ClassIncremental(Protocol):
         higher_is_better=True,
         secondary=(
             Column("average_incremental_accuracy", "avg incr acc"),
-            Column("forgetting", "forgetting"),
+            Column("forgetting", FORGETTING_LABEL),
+            Column("forgetting_incl_final", FORGETTING_INCL_FINAL_LABEL),
             Column("task_aware/final_accuracy", "TA final acc"),
         ),
         costs=(
@@ -282,7 +298,7 @@ class ClassIncremental(Protocol):
             Column("passes_per_prediction", "passes/pred", "efficiency"),
         ),
         details=(
-            Column("task_aware/forgetting", "TA forgetting"),
+            Column("task_aware/forgetting", f"TA {FORGETTING_LABEL}"),
             Column("inference_params", "inference params", "efficiency", "max", "count"),
             Column("passes_per_train_sample", "passes/train sample", "efficiency"),
             Column("peak_rss_mb", "peak RSS MB", "efficiency", "max", "rate"),
@@ -295,6 +311,12 @@ class ClassIncremental(Protocol):
 
     def build(self, ctx: RunContext) -> CLStrategy:
         scenario = ctx.scenario
+        check_loss_mask(
+            getattr(ctx.typed.get("strategy"), "loss_mask", None),
+            scenario.classes_per_experience,
+            scenario.name,
+            "n_experiences" in ctx.cfg.scenario,
+        )
         return ctx.strategy_cls(
             model=ctx.backbone.classifier(scenario.class_names),
             cfg=ctx.typed["strategy"],
@@ -403,6 +425,31 @@ class ClassIncremental(Protocol):
         # finished: the record is the result
         for name in (CHECKPOINT, CHECKPOINT_INFO, LEGACY_CHECKPOINT):
             (run_dir / name).unlink(missing_ok=True)
+
+
+def check_loss_mask(
+    loss_mask: str | None,
+    classes_per_experience: list[list[int]],
+    scenario: str,
+    has_n_experiences: bool = False,
+) -> None:
+    """One ConfigError line if ``loss_mask`` is ``current`` and an experience holds a single
+    class: the cross-entropy over that one logit is 0, so the experience trains nothing."""
+    if loss_mask != "current":
+        return
+    single = [t + 1 for t, c in enumerate(classes_per_experience) if len(c) == 1]
+    if not single:
+        return
+    if len(single) == len(classes_per_experience):
+        where = f"every experience of scenario {scenario!r} holds one class"
+    else:
+        where = f"experience {', '.join(map(str, single))} of scenario {scenario!r} holds one class"
+    fewer = " (scenario.n_experiences)" if has_n_experiences else ""
+    raise ConfigError(
+        f"strategy.loss_mask=current trains nothing here: {where}, and a cross-entropy over "
+        f"the current experience's one logit is 0; use strategy.loss_mask=seen, or fewer "
+        f"experiences{fewer} so that each holds two or more classes"
+    )
 
 
 def save_checkpoint(ctx: RunContext, strategy: CLStrategy, result: ClassIncrementalResult) -> None:
