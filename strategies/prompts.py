@@ -7,7 +7,9 @@ across epochs in training by :class:`~clbench.adapters.prompts.QueryCache`):
 - ``l2p``: L2P (Wang et al., CVPR 2022): a pool of (key, prompt) pairs; the query picks
   the top-k prompts by key cosine, they are prepended at the input, the head reads the
   average of the prompt tokens' outputs, and a pull constraint draws the selected keys
-  towards their queries.
+  towards their queries. The prompt tokens get the CLS token's position embedding and, by
+  default, every sample of a batch uses the batch's most frequent top-k ids (batch-wise
+  selection), as in the official PyTorch code.
 - ``dualprompt``: DualPrompt (Wang et al., ECCV 2022): a shared G-prompt in the first
   blocks and a pool of task E-prompts in the next ones, both as key/value prefixes; in
   training the E-prompt is the current task's (task-id bootstrap), at test the query's
@@ -17,11 +19,17 @@ across epochs in training by :class:`~clbench.adapters.prompts.QueryCache`):
   orthogonal to the earlier ones by Gram-Schmidt, earlier ones detached; the prompt is
   the sum of components weighted by ``cos(query * A_m, K_m)``, split into a key half and
   a value half.
+
+L2P and DualPrompt follow the official recipe by default: the optimizer gets
+``lr * batch_size / lr_scale_batch`` (base rate per 256 samples) and the gradient norm of
+the trained parameters is clipped to ``clip_grad`` before every step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +41,14 @@ from clbench.adapters.prompts import (
     Prefixes,
     PromptPool,
     QueryCache,
+    cls_position_embedding,
     gram_schmidt_,
     prompted_tokens,
     query_features,
     usable_layers,
     vit_of,
 )
-from clbench.checks import check_positive
+from clbench.checks import check_choice, check_positive
 from clbench.errors import ConfigError
 from clbench.models import ClassifierModel
 from clbench.seeding import derived_generator
@@ -48,19 +57,58 @@ from clbench.seeding import derived_generator
 @dataclass
 class PromptConfig(StrategyConfig):
     lr: float = 0.03
+    # N > 0: ``lr`` is a base rate per N samples and the optimizer gets
+    # lr * batch_size / N (the official L2P / DualPrompt rule, N = 256); 0: lr as given
+    lr_scale_batch: int = 0
+    # > 0: clip the gradient norm of the trained parameters to this before each step
+    clip_grad: float = 0.0
     loss_mask: str = "current"
     # Memoise the frozen backbone's query features per training input: exact here (frozen
     # backbone, no augmentation); training then costs ~1 backbone pass per step instead of
     # 2 from the second epoch on. Test-time predictions always pay the query pass.
     query_cache: bool = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("strategy.lr_scale_batch", self.lr_scale_batch, allow_zero=True)
+        check_positive("strategy.clip_grad", self.clip_grad, allow_zero=True)
+
+    @property
+    def effective_lr(self) -> float:
+        """The learning rate the optimizer gets."""
+        if self.lr_scale_batch == 0:
+            return self.lr
+        return self.lr * self.batch_size / self.lr_scale_batch
+
+    def resolved(self) -> PromptConfig:
+        """This config with the batch scaling applied (lr = effective lr, lr_scale_batch 0)."""
+        if self.lr_scale_batch == 0:
+            return self
+        return dataclasses.replace(self, lr=self.effective_lr, lr_scale_batch=0)
+
 
 class PromptStrategy(CLStrategy):
-    """Frozen timm ViT + learnable prompts chosen by a query; subclasses build and apply them."""
+    """Frozen timm ViT + learnable prompts chosen by a query; subclasses build and apply them.
+
+    ``given_cfg`` is the config as given; ``cfg`` is what training uses: the same with the
+    batch scaling applied (:meth:`PromptConfig.resolved`), so the optimizer and every lr
+    schedule of the base class start from the effective rate.
+    """
 
     Config = PromptConfig
     cfg: PromptConfig
     STATE = ("task",)
+
+    def __init__(self, *, model: ClassifierModel, cfg: PromptConfig, **kwargs: Any) -> None:
+        self.given_cfg = cfg
+        super().__init__(model=model, cfg=cfg.resolved(), **kwargs)
+
+    def optimizer_step(self) -> None:
+        """Clip the gradient norm of the optimizer's parameters to ``clip_grad``, then step."""
+        if self.cfg.clip_grad > 0:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+        super().optimizer_step()
 
     def prepare_model(self, model: ClassifierModel) -> None:
         vit = vit_of(model)
@@ -106,6 +154,9 @@ class PromptStrategy(CLStrategy):
 
 
 # ---------------------------------------------------------------------------- L2P
+PROMPT_POS = ("cls", "none")
+
+
 @dataclass
 class L2PConfig(PromptConfig):
     pool_size: int = 10
@@ -113,9 +164,16 @@ class L2PConfig(PromptConfig):
     top_k: int = 5
     # weight of the pull constraint: batch mean of sum over the top-k of 1 - cos(query, key)
     pull: float = 0.1
+    # every sample uses the batch's k most frequent top-k ids, in training and at test
+    batchwise: bool = True
+    # position embedding of the prompt tokens: "cls" (the CLS token's) or "none"
+    prompt_pos: str = "cls"
+    lr_scale_batch: int = 256
+    clip_grad: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("strategy.prompt_pos", self.prompt_pos, PROMPT_POS)
         check_positive("strategy.pool_size", self.pool_size)
         check_positive("strategy.prompt_length", self.prompt_length)
         check_positive("strategy.top_k", self.top_k)
@@ -139,10 +197,11 @@ class L2P(PromptStrategy):
 
     def features(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Average output of the prompt tokens."""
-        selection = self.pool.select(query)
+        selection = self.pool.select(query, batchwise=self.cfg.batchwise)
         self.aux_loss = self.cfg.pull * selection.pull
         self.last_selection = selection.index
-        tokens = prompted_tokens(self.vit, x, selection.prompts)
+        pos = cls_position_embedding(self.vit) if self.cfg.prompt_pos == "cls" else None
+        tokens = prompted_tokens(self.vit, x, selection.prompts, prompt_pos=pos)
         n = self.vit.num_prefix_tokens
         return tokens[:, n : n + selection.prompts.shape[1]].mean(dim=1)
 
@@ -157,6 +216,11 @@ class DualPromptConfig(PromptConfig):
     e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
     top_k: int = 1
     pull: float = 1.0
+    # at test every sample uses the batch's most frequent top-k ids (training uses the
+    # task's E-prompt)
+    batchwise: bool = True
+    lr_scale_batch: int = 256
+    clip_grad: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -201,7 +265,7 @@ class DualPrompt(PromptStrategy):
             index = torch.full((x.shape[0], c.top_k), self.task, device=x.device)
             selection = pool.pick(query, index)
         else:
-            selection = pool.select(query)
+            selection = pool.select(query, batchwise=c.batchwise)
         self.aux_loss = c.pull * selection.pull
         self.last_selection = selection.index
         n = x.shape[0]

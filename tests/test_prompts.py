@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from clbench.adapters.prompts import (
     PromptPool,
     QueryCache,
+    batch_vote,
     gram_schmidt_,
     prefix_attention,
     prefixed_block,
@@ -188,7 +190,7 @@ def _strategy(name, n_experiences=3, **overrides):
 
 
 def test_dualprompt_trains_the_task_prompt_and_picks_by_key_at_test():
-    st, vit = _strategy("dualprompt", e_layers=[2, 3])
+    st, vit = _strategy("dualprompt", e_layers=[2, 3], batchwise=False)
     st.is_training = True  # what Avalanche sets during training
     st.adapt_to_experience()
     st.adapt_to_experience()  # task 1
@@ -279,3 +281,158 @@ def test_cli_runs_prefix_learners(tmp_path, name):
     res = results_of(only_run_dir(tmp_path))
     assert len(res["accuracy_matrix"]) == 2
     assert res["efficiency"]["passes_per_prediction"] == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------- the official recipe
+def _digits(n_experiences=2):
+    build = SCENARIOS.get("split_digits")
+    return list(build(build.Config(n_experiences=n_experiences)).train_stream)
+
+
+class StepProbe:
+    """Records, at every optimizer step, the lr of each group and the gradient norm."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.norms: list[float] = []
+
+    def __enter__(self) -> StepProbe:
+        def hook(opt, args, kwargs):
+            grads = [
+                p.grad.flatten()
+                for g in opt.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            ]
+            self.norms.append(float(torch.cat(grads).norm()))
+            self.lrs.extend(g["lr"] for g in opt.param_groups)
+
+        self.handle = register_optimizer_step_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+def _train_one_experience(name, **overrides) -> StepProbe:
+    vit = _vit()
+    overrides = {"epochs": 1, **overrides}
+    if name == "dualprompt":
+        overrides["e_layers"] = [2, 3]  # the micro ViT's blocks
+    st = STRATEGIES.get(name)(
+        model=ClassifierModel(vit, vit.num_features),
+        cfg=_cfg_of(name, **overrides),
+        n_experiences=2,
+    )
+    with StepProbe() as probe:
+        st.train(_digits()[0], eval_streams=[])
+    assert probe.lrs
+    return probe
+
+
+@pytest.mark.parametrize("name", ["l2p", "dualprompt"])
+def test_the_optimizer_gets_the_base_lr_times_batch_over_256(name):
+    assert _cfg_of(name).lr_scale_batch == 256 and _cfg_of(name).clip_grad == 1.0
+    probe = _train_one_experience(name, lr=0.005, batch_size=16)
+    assert probe.lrs == [pytest.approx(0.005 * 16 / 256)] * len(probe.lrs)
+    # the per-experience cosine schedule runs from the scaled rate: epoch 1 of 2 at half
+    probe = _train_one_experience(name, lr=0.03, batch_size=64, lr_schedule="cosine", epochs=2)
+    half = len(probe.lrs) // 2
+    assert probe.lrs[:half] == [pytest.approx(0.03 * 64 / 256)] * half
+    assert probe.lrs[half:] == [pytest.approx(0.03 * 64 / 256 / 2)] * half
+    probe = _train_one_experience(name, lr=0.03, batch_size=16, lr_scale_batch=0)
+    assert probe.lrs == [pytest.approx(0.03)] * len(probe.lrs)
+
+
+def test_the_given_config_is_kept_and_the_training_one_is_scaled():
+    st, _ = _strategy("l2p", lr=0.03, batch_size=32)
+    assert st.given_cfg.lr == 0.03 and st.given_cfg.lr_scale_batch == 256
+    assert st.cfg.lr == pytest.approx(0.00375) and st.cfg.lr_scale_batch == 0
+    assert st.cfg.resolved() is st.cfg
+    coda, _ = _strategy("coda_prompt", pool_size=30)
+    assert coda.cfg.lr == 1e-3 and coda.cfg.clip_grad == 0.0
+    for bad in ({"lr_scale_batch": -1}, {"clip_grad": -0.5}, {"prompt_pos": "patch"}):
+        with pytest.raises(ConfigError, match="strategy\\."):
+            _cfg(**bad)
+
+
+@pytest.mark.parametrize("name", ["l2p", "dualprompt"])
+def test_gradients_are_clipped_to_norm_1_before_every_step(name):
+    """A huge pull weight makes the raw gradient norm far above 1; with clip_grad 1 every
+    step sees a gradient of norm <= 1."""
+    raw = _train_one_experience(name, pull=1000.0, clip_grad=0.0)
+    assert max(raw.norms) > 10
+    clipped = _train_one_experience(name, pull=1000.0)
+    assert max(clipped.norms) <= 1.0 + 1e-4
+
+
+def test_l2p_prompt_tokens_get_the_cls_position_embedding():
+    """The official PyTorch L2P repeats the CLS entry of pos_embed for every prompt token:
+    the sequence [cls + pos_0, prompts + pos_0, patches + pos_1..] written out by hand."""
+    st, vit = _strategy("l2p", batchwise=False)
+    with torch.no_grad():
+        vit.pos_embed.normal_()  # a position embedding large enough to matter
+    x = torch.randn(3, 1, 16, 16)
+    query = query_features(vit, x)
+    with torch.no_grad():
+        got = st.features(x, query)
+        prompts = st.pool.prompts[st.last_selection].flatten(1, 2)  # (3, 25, D)
+        pos = vit.pos_embed
+        seq = torch.cat(
+            [
+                vit.cls_token.expand(3, -1, -1) + pos[:, :1],
+                prompts + pos[:, :1],
+                vit.patch_embed(x) + pos[:, 1:],
+            ],
+            dim=1,
+        )
+        out = vit.norm(vit.blocks(vit.norm_pre(seq)))
+        assert torch.allclose(got, out[:, 1 : 1 + prompts.shape[1]].mean(1), atol=1e-5)
+        st.cfg.prompt_pos = "none"  # the JAX code's: no position embedding on prompts
+        bare = st.features(x, query)
+        seq[:, 1 : 1 + prompts.shape[1]] = prompts
+        out = vit.norm(vit.blocks(vit.norm_pre(seq)))
+        assert torch.allclose(bare, out[:, 1 : 1 + prompts.shape[1]].mean(1), atol=1e-5)
+        assert not torch.allclose(bare, got, atol=1e-3)
+
+
+def test_batch_vote_takes_the_most_frequent_ids_ties_to_the_lower():
+    index = torch.tensor([[0, 1, 2], [1, 2, 3], [2, 3, 4], [2, 1, 5]])
+    assert batch_vote(index, 6).tolist() == [2, 1, 3]  # counts 4, 3, 2; then 0, 4, 5 once
+    assert batch_vote(torch.tensor([[3, 1], [2, 0]]), 4).tolist() == [0, 1]
+
+
+def test_batchwise_selection_gives_every_sample_the_batchs_most_frequent_ids():
+    torch.manual_seed(0)
+    pool = PromptPool(pool_size=10, length=2, dim=16, top_k=3)
+    query = torch.randn(12, 16)
+    own = pool.select(query).index
+    assert len({tuple(r) for r in own.tolist()}) > 1  # per sample, the picks differ
+    counts = torch.bincount(own.flatten(), minlength=10).tolist()
+    expected = sorted(range(10), key=lambda i: (-counts[i], i))[:3]
+    sel = pool.select(query, batchwise=True)
+    assert sel.index.tolist() == [expected] * 12
+    assert torch.equal(sel.prompts, pool.prompts[expected].flatten(0, 1).expand(12, -1, -1))
+    cos = F.normalize(query, dim=-1) @ F.normalize(pool.keys[expected], dim=-1).T
+    assert torch.allclose(sel.pull, (1 - cos).sum(1).mean())  # pulled to the voted keys
+
+
+def test_l2p_votes_in_training_and_at_test_dualprompt_at_test_only():
+    x = torch.randn(8, 1, 16, 16)
+    st, vit = _strategy("l2p")
+    for training in (True, False):
+        st.is_training = training
+        st.features(x, query_features(vit, x))
+        assert (st.last_selection == st.last_selection[0]).all()
+    st, vit = _strategy("dualprompt", e_layers=[2, 3])
+    st.is_training = False
+    with torch.no_grad():  # keys 4 and 7 = the queries of inputs 0 and 1; 4 = 3 votes
+        q = query_features(vit, x)
+        st.model.e_pool.keys[4], st.model.e_pool.keys[7] = q[0], q[1]
+        x = torch.cat([x[:1].expand(3, -1, -1, -1), x[1:2].expand(2, -1, -1, -1)])
+        st.cfg.batchwise = False
+        st.features(x, query_features(vit, x))
+        assert st.last_selection.flatten().tolist() == [4, 4, 4, 7, 7]
+        st.cfg.batchwise = True
+        st.features(x, query_features(vit, x))
+        assert st.last_selection.flatten().tolist() == [4] * 5

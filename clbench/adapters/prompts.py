@@ -8,13 +8,15 @@ Everything works on a frozen timm ``VisionTransformer``:
   sample rather than once per epoch.
 - :func:`prompted_tokens`: the ViT with **prompt tuning** (tokens inserted right after the
   prefix (CLS / register) tokens at the input: ``patch_embed -> _pos_embed -> concat
-  prompts -> blocks -> norm``; prompts carry no position embedding) and/or **prefix
-  tuning** (per chosen block, extra key and value tokens concatenated to that block's
-  attention keys and values only; the sequence length is unchanged). Returns every
-  token's output.
+  prompts -> blocks -> norm``; the prompts get ``prompt_pos`` added, none by default;
+  L2P passes :func:`cls_position_embedding`) and/or **prefix tuning** (per chosen block,
+  extra key and value tokens concatenated to that block's attention keys and values only;
+  the sequence length is unchanged). Returns every token's output.
 - :class:`PromptPool`: learnable keys and prompts; a query picks the top-k prompts by
-  cosine similarity to the keys and yields the pull-constraint term: per query the sum
-  over the k picks of ``1 - cos``, averaged over the batch (the official code's scale).
+  cosine similarity to the keys (or, batch-wise, every query gets the k ids most often
+  picked in its batch: :func:`batch_vote`) and yields the pull-constraint term: per query
+  the sum over the k picks of ``1 - cos``, averaged over the batch (the official code's
+  scale).
 """
 
 from __future__ import annotations
@@ -93,14 +95,24 @@ def prefixed_block(
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
+def cls_position_embedding(vit: VisionTransformer) -> torch.Tensor | None:
+    """(D,) the position embedding the ViT adds to its CLS token; None when it adds none
+    (no CLS token, no position embedding, or ``no_embed_class``)."""
+    if vit.cls_token is None or vit.pos_embed is None or vit.no_embed_class:
+        return None
+    return vit.pos_embed[0, 0]
+
+
 def prompted_tokens(
     vit: VisionTransformer,
     x: torch.Tensor,
     prompts: torch.Tensor | None = None,
     prefixes: Prefixes | None = None,
+    prompt_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, prefix + P + patches, D) token outputs with ``prompts`` (N, P, D) after the
-    prefix tokens and ``prefixes`` in the attention of the given blocks.
+    prefix tokens, each prompt token plus ``prompt_pos`` (D,) when given, and
+    ``prefixes`` in the attention of the given blocks.
 
     With neither (or P = 0 and no prefixes) this is ``vit.forward_features(x)``.
     """
@@ -108,6 +120,8 @@ def prompted_tokens(
     if prompts is not None and prompts.shape[1] > 0:
         n = vit.num_prefix_tokens
         prompts = prompts.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        if prompt_pos is not None:
+            prompts = prompts + prompt_pos.to(tokens.dtype)
         tokens = torch.cat([tokens[:, :n], prompts, tokens[:, n:]], dim=1)
     tokens = vit.norm_pre(tokens)
     if not prefixes:
@@ -198,11 +212,14 @@ class PromptPool(nn.Module):
         """(N, pool_size) cosine similarity between each query and each key."""
         return F.normalize(query, dim=-1) @ F.normalize(self.keys, dim=-1).T
 
-    def select(self, query: torch.Tensor) -> Selection:
-        """Top-k keys per query (by cosine), their prompts and the pull term."""
+    def select(self, query: torch.Tensor, batchwise: bool = False) -> Selection:
+        """Top-k keys per query (by cosine), their prompts and the pull term; with
+        ``batchwise`` every query gets the batch's :func:`batch_vote` instead."""
         sim = self.similarity(query.detach())
-        top = sim.topk(self.top_k, dim=1)
-        return self._selection(top.indices, top.values)
+        index = sim.topk(self.top_k, dim=1).indices
+        if batchwise:
+            index = batch_vote(index, sim.shape[1]).expand(index.shape[0], -1).contiguous()
+        return self._selection(index, sim.gather(1, index))
 
     def pick(self, query: torch.Tensor, index: torch.Tensor) -> Selection:
         """The prompts at ``index`` (N, k) whatever the keys say (DualPrompt's task-id
@@ -213,6 +230,14 @@ class PromptPool(nn.Module):
     def _selection(self, index: torch.Tensor, cos: torch.Tensor) -> Selection:
         prompts = self.prompts[index].flatten(1, 2)  # (N, k, L, D) -> (N, k L, D)
         return Selection(index, prompts, (1.0 - cos).sum(dim=1).mean())
+
+
+def batch_vote(index: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """(k,) the k pool ids most frequent in ``index`` (N, k), most frequent first, ties to
+    the lower id: the official L2P / DualPrompt ``batchwise_prompt``, whose ids every
+    sample of the batch then uses (the official code leaves ties to ``torch.topk``)."""
+    counts = torch.bincount(index.flatten(), minlength=pool_size)
+    return torch.sort(counts, descending=True, stable=True).indices[: index.shape[1]]
 
 
 @torch.no_grad()
