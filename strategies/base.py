@@ -31,7 +31,7 @@ from clbench.models import ClassifierModel
 from clbench.seeding import derived_generator
 
 LOSS_MASKS = ("seen", "current")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "quarter_cosine", "warmup_cosine")
 
 
 @dataclass
@@ -50,8 +50,11 @@ class StrategyConfig:
     # far (plain fine-tuning), "current" = only the current experience's classes
     # (InfLoRA / SD-LoRA / L2P's class mask).
     loss_mask: str = "seen"
-    # "cosine": within each experience, epoch e of E trains at lr * (1 + cos(pi e / E)) / 2
-    # (restarting at every experience, as CODA-Prompt's per-task schedule)
+    # Restarting at every experience: "cosine": epoch e of E trains at
+    # lr * (1 + cos(pi e / E)) / 2; "quarter_cosine": epoch e at lr * cos(99 pi e / (200 (E-1)))
+    # (the CosineSchedule of CODA-Prompt's and InfLoRA's code); "warmup_cosine": per step s of
+    # S, lr (s + 1) / W for the first W = warmup_steps() steps, then
+    # lr * (1 + cos(pi (s - W) / (S - W))) / 2 (the cosine_lr of MoE-Adapters' code)
     lr_schedule: str = "constant"
     # label smoothing of the training cross-entropy, over the classes the loss mask keeps
     label_smoothing: float = 0.0
@@ -132,12 +135,31 @@ class CLStrategy(Learner, SupervisedTemplate):
         """Avalanche's hook: a fresh optimizer over the trainable parameters (Learner's)."""
         self.optimizer = self.build_optimizer()
 
+    def warmup_steps(self) -> int:
+        """Linear warm-up steps of the ``warmup_cosine`` schedule (default: none)."""
+        return 0
+
+    def _set_lr(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * factor
+
     def _before_training_epoch(self, **kwargs: Any) -> None:
+        e, n = self.clock.train_exp_epochs, max(self.train_epochs, 1)
         if self.cfg.lr_schedule == "cosine":
-            e, n = self.clock.train_exp_epochs, max(self.train_epochs, 1)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.cfg.lr * (1.0 + math.cos(math.pi * e / n)) / 2.0
+            self._set_lr((1.0 + math.cos(math.pi * e / n)) / 2.0)
+        elif self.cfg.lr_schedule == "quarter_cosine":
+            self._set_lr(math.cos(99 * math.pi * e / (200 * (n - 1))) if n > 1 else 1.0)
         super()._before_training_epoch(**kwargs)
+
+    def _before_training_iteration(self, **kwargs: Any) -> None:
+        if self.cfg.lr_schedule == "warmup_cosine":
+            s, w = self.clock.train_exp_iterations, self.warmup_steps()
+            total = self.train_epochs * len(self.dataloader)
+            if s < w:
+                self._set_lr((s + 1) / w)
+            else:
+                self._set_lr((1.0 + math.cos(math.pi * (s - w) / max(total - w, 1))) / 2.0)
+        super()._before_training_iteration(**kwargs)
 
     def make_train_dataloader(self, shuffle: bool = True, **kwargs: Any) -> None:
         if not self.in_memory:

@@ -5,10 +5,11 @@
   linears, earlier ones frozen; every expert scores itself from its own activation, and a
   top-k budget plus a threshold decide which ones act on a token. No router, no merge.
 - ``moe_adapters``: MoE-Adapters4CL (Yu et al., CVPR 2024): adapter experts beside every
-  image-tower block's MLP, a noisy top-k router per task with a load-balancing loss, the
-  most-used experts frozen after each task, and DDAS task routing at test time (per-task
-  autoencoders on frozen features, with a fallback to the frozen model above a threshold).
-  On a timm ViT or an open_clip image tower.
+  image-tower block's MLP and a noisy top-k router, in either official recipe: the
+  class-incremental one (2 experts, one shared router) or the MTIL one (a router per task,
+  the most-used experts frozen after each task, DDAS task routing at test time: per-task
+  autoencoders on frozen features, with a fallback to the frozen model above a
+  threshold). On a timm ViT or an open_clip image tower.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from clbench.adapters.experts import (
     routed,
 )
 from clbench.adapters.lora import LoRABlock, add_blocks, lora_layers
-from clbench.checks import check_positive
+from clbench.checks import check_choice, check_positive
 from clbench.data import TensorBatches, materialise
 from clbench.errors import ConfigError
 from clbench.models import ClassifierModel, ClipClassifier
@@ -78,22 +79,58 @@ class MoRA(LoRAStrategy):
 
 
 # ----------------------------------------------------------------- MoE-Adapters
+#: The official code's two recipes: the values of the fields a config leaves null.
+#: class_incremental: JiazuoYu/MoE-Adapters4CL cil/ (2 experts, one shared router, no
+#: freezing, no DDAS, label smoothing 0, 30 warm-up steps); mtil: its mtil/ (22 experts,
+#: a router per task with DDAS at test, the 2 most used experts frozen after each task,
+#: label smoothing 0.2, 100 warm-up steps).
+MOE_RECIPES: dict[str, dict[str, Any]] = {
+    "class_incremental": {
+        "experts": 2,
+        "routers": "shared",
+        "freeze_top": 0,
+        "label_smoothing": 0.0,
+        "warmup_steps": 30,
+    },
+    "mtil": {
+        "experts": 22,
+        "routers": "per_task",
+        "freeze_top": 2,
+        "label_smoothing": 0.2,
+        "warmup_steps": 100,
+    },
+}
+ROUTERS = ("shared", "per_task")
+DDAS_ROUTING = ("batch", "sample")
+
+
 @dataclass
 class MoEAdaptersConfig(StrategyConfig):
+    # which official recipe fills the fields left null (None): see MOE_RECIPES
+    recipe: str = "class_incremental"
     epochs: int = 20
     optimizer: str = "adamw"
     lr: float = 1e-3
-    lr_schedule: str = "cosine"
+    lr_schedule: str = "warmup_cosine"
     loss_mask: str = "current"
-    label_smoothing: float = 0.2
-    experts: int = 22
+    label_smoothing: float | None = None  # type: ignore[assignment]
+    experts: int | None = None
     top_k: int = 2
     bottleneck: int = 64
     adapter_scale: float = 0.1
     adapter_dropout: float = 0.1
     noisy_gating: bool = True
-    balance: float = 0.01  # weight of sum over layers of cv^2(importance) + cv^2(load)
-    freeze_top: int = 2  # experts frozen per layer after each task (the most selected)
+    # "shared": one router trained on every task; "per_task": a router per task (earlier
+    # ones frozen), chosen at test by DDAS
+    routers: str | None = None
+    # weight of sum over layers of cv^2(importance) + cv^2(load); the official code computes
+    # the term but never adds it (0), the paper adds it with 0.01
+    balance: float = 0.0
+    freeze_top: int | None = None  # experts frozen per layer after each task (most selected)
+    warmup_steps: int | None = None  # linear warm-up steps of lr_schedule=warmup_cosine
+    # DDAS (routers=per_task): one router per test batch from the batch-mean reconstruction
+    # error (official code) or one per sample
+    ddas_routing: str = "batch"
     # DDAS: per-task autoencoder D -> ae_hidden -> D on the frozen backbone's features
     ae_hidden: int = 32
     ae_steps: int = 300
@@ -102,21 +139,29 @@ class MoEAdaptersConfig(StrategyConfig):
     ae_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        check_choice("strategy.recipe", self.recipe, tuple(MOE_RECIPES))
+        for key, value in MOE_RECIPES[self.recipe].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         super().__post_init__()
         for key in ("experts", "top_k", "bottleneck", "ae_hidden", "ae_steps"):
             check_positive(f"strategy.{key}", getattr(self, key))
         check_positive("strategy.adapter_scale", self.adapter_scale)
         check_positive("strategy.balance", self.balance, allow_zero=True)
         check_positive("strategy.freeze_top", self.freeze_top, allow_zero=True)
+        check_positive("strategy.warmup_steps", self.warmup_steps, allow_zero=True)
         check_positive("strategy.ae_lr", self.ae_lr)
-        if self.top_k > self.experts:
+        check_choice("strategy.routers", self.routers, ROUTERS)
+        check_choice("strategy.ddas_routing", self.ddas_routing, DDAS_ROUTING)
+        if self.top_k > self.experts:  # type: ignore[operator]
             raise ConfigError(
                 f"invalid value for strategy.top_k: {self.top_k}; must be <= experts={self.experts}"
             )
 
 
 class MoEAdapters(CLStrategy):
-    """Frozen backbone + routed adapter experts; DDAS picks the task router at test."""
+    """Frozen backbone + routed adapter experts: one shared router, or one per task with
+    DDAS picking the task's router at test (``strategy.routers``)."""
 
     Config = MoEAdaptersConfig
     cfg: MoEAdaptersConfig
@@ -134,10 +179,12 @@ class MoEAdapters(CLStrategy):
             dropout=c.adapter_dropout,
             noisy=c.noisy_gating,
         )
-        model.task_autoencoders = TaskAutoencoders(self._feature_dim(model), c.ae_hidden)
+        self.per_task = c.routers == "per_task"
+        if self.per_task:
+            model.task_autoencoders = TaskAutoencoders(self._feature_dim(model), c.ae_hidden)
         self.task = -1
         self.frozen_experts: list[list[int]] = [[] for _ in self.mixtures]
-        # a plain ``model(x)`` (deployment, other evaluators) routes itself through DDAS
+        # a plain ``model(x)`` (deployment, other evaluators) routes itself like evaluation
         self._self_routed = False
         model.register_forward_pre_hook(self._route_plain_call)
         model.register_forward_hook(self._end_plain_call)
@@ -165,11 +212,17 @@ class MoEAdapters(CLStrategy):
     def autoencoders(self) -> TaskAutoencoders:
         return self.model.task_autoencoders
 
+    def warmup_steps(self) -> int:
+        return int(self.cfg.warmup_steps or 0)
+
     def adapt_to_experience(self) -> None:
         self.task += 1
         for m in self.mixtures:
-            m.routers.requires_grad_(False)  # earlier tasks' routers stay as they are
-            m.add_router()
+            if self.per_task:
+                m.routers.requires_grad_(False)  # earlier tasks' routers stay as they are
+                m.add_router()
+            elif len(m.routers) == 0:  # shared: one router, trained on every task
+                m.add_router()
             m.counts.zero_()
 
     # ----------------------------------------------------------------- routing
@@ -183,10 +236,20 @@ class MoEAdapters(CLStrategy):
             return self.model.backbone(x)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,) the router (task) of each input: the current task in training, DDAS at test."""
+        """(N,) the router of each input (-1: experts off): the shared router; with a router
+        per task, the current task's in training and DDAS's choice at test."""
+        n = x.shape[0]
+        if len(self.mixtures[0].routers) == 0:  # nothing learnt yet: the frozen model
+            return torch.full((n,), -1, device=x.device)
+        if not self.per_task:
+            return torch.zeros(n, dtype=torch.long, device=x.device)
         if self.is_training or len(self.autoencoders.aes) == 0:
-            return torch.full((x.shape[0],), max(self.task, 0), device=x.device)
-        return self.autoencoders.route(self.frozen_features(x), self.cfg.ae_threshold)
+            return torch.full((n,), max(self.task, 0), device=x.device)
+        return self.autoencoders.route(
+            self.frozen_features(x),
+            self.cfg.ae_threshold,
+            per_batch=self.cfg.ddas_routing == "batch",
+        )
 
     def forward(self) -> torch.Tensor:
         x = self.mb_x
@@ -202,11 +265,12 @@ class MoEAdapters(CLStrategy):
     # ---------------------------------------------------------- after a task
     def _after_training_exp(self, **kwargs: Any) -> None:
         for i, m in enumerate(self.mixtures):
-            if self.cfg.freeze_top > 0:
+            if self.cfg.freeze_top:
                 self.frozen_experts[i] = sorted(
                     set(self.frozen_experts[i]) | set(m.freeze_most_used(self.cfg.freeze_top))
                 )
-        self.fit_autoencoder()
+        if self.per_task:
+            self.fit_autoencoder()
         super()._after_training_exp(**kwargs)
 
     def fit_autoencoder(self) -> None:

@@ -31,6 +31,8 @@ class InfLoRAConfig(LoRAConfig):
     rank: int = 10
     alpha: float = 10.0  # scale 1
     targets: list[str] = field(default_factory=lambda: ["k", "v"])
+    # the official code's per-task CosineSchedule (Adam): lr * cos(99 pi e / (200 (E - 1)))
+    lr_schedule: str = "quarter_cosine"
     # DualGPM energy threshold lb + (1 - lb) * t / T: 0.95 on CIFAR-100, 0.98 on ImageNet-R
     lambda_base: float = 0.95
     # InfLoRA trains with the network in eval mode (no dropout / drop-path)

@@ -6,7 +6,7 @@ All of them are built from the shared blocks in ``clbench.adapters.lora``:
 - ``olora``: O-LoRA (Wang et al. 2023): frozen past factors, a fresh rank-r pair per
   task, an L1 penalty on ``A_old A_new^T`` pushing the new subspace orthogonal to the old.
 - ``sdlora``: SD-LoRA (ICLR 2025): past directions frozen and normalised, a learnable
-  magnitude for every direction.
+  magnitude per task (shared by every layer and target, as in the official code).
 
 On a CLIP backbone (:class:`~clbench.models.ClipClassifier`) ``tower`` picks where the
 blocks go: the image tower, the text tower (the class-name classifier) or both. A
@@ -16,7 +16,7 @@ backbone with an image tower only (timm ViT) takes ``tower=image`` and refuses t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from clbench.strategies.base import CLStrategy, StrategyConfig
@@ -29,6 +29,7 @@ from clbench.adapters.lora import (
     LoRALinear,
     add_blocks,
     lora_layers,
+    share_magnitude,
 )
 from clbench.checks import check_choice, check_positive
 from clbench.errors import ConfigError
@@ -113,10 +114,12 @@ class LoRAStrategy(CLStrategy):
 
     def num_inference_parameters(self) -> int:
         """Backbone + head parameters once every LoRA is merged into its base weight."""
-        lora = sum(
-            p.numel() for layer in self.lora_layers().values() for p in layer.blocks.parameters()
-        )
-        return super().num_inference_parameters() - lora
+        lora = {  # by identity: a parameter shared by blocks of several layers counts once
+            id(p): p.numel()
+            for layer in self.lora_layers().values()
+            for p in layer.blocks.parameters()
+        }
+        return super().num_inference_parameters() - sum(lora.values())
 
 
 @dataclass
@@ -189,6 +192,16 @@ class OLoRA(LoRAStrategy):
 class SDLoRAConfig(LoRAConfig):
     # initial value of every magnitude a_i (SD-LoRA: 0.8)
     magnitude_init: float = 0.8
+    # false (official code): one magnitude per task, shared by every layer and by q and v;
+    # true (clbench's own variant): one magnitude per block (task, layer and target)
+    magnitude_per_block: bool = False
+    # true (official code): when a task starts, every past magnitude restarts at
+    # magnitude_init; false: past magnitudes keep their learnt values
+    reset_magnitudes: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("strategy.magnitude_init", self.magnitude_init)
 
 
 class SDLoRA(LoRAStrategy):
@@ -196,17 +209,46 @@ class SDLoRA(LoRAStrategy):
 
     Config = SDLoRAConfig
     cfg: SDLoRAConfig
+    STATE = ("tasks_seen", "new_blocks", "task_blocks")
 
     def prepare_model(self, model: ClassifierModel) -> None:
         self.block_kwargs = {"magnitude": self.cfg.magnitude_init}  # type: ignore[misc]
         super().prepare_model(model)
+        self.task_blocks: list[list[LoRABlock]] = []
+        self._track(self.new_blocks)
+
+    def _track(self, blocks: list[LoRABlock]) -> None:
+        """Record a task's blocks; share one magnitude among them (official layout)."""
+        if not self.cfg.magnitude_per_block:
+            share_magnitude(blocks)
+        self.task_blocks.append(blocks)
+
+    def magnitudes(self) -> list[nn.Parameter]:
+        """The distinct magnitude parameters, oldest task first."""
+        seen: dict[int, nn.Parameter] = {}
+        for blocks in self.task_blocks:
+            for b in blocks:
+                assert b.magnitude is not None
+                seen.setdefault(id(b.magnitude), b.magnitude)
+        return list(seen.values())
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        if not self.cfg.magnitude_per_block:  # a restored model has one scalar per block
+            for blocks in self.task_blocks:
+                share_magnitude(blocks)
 
     def start_new_task(self) -> None:
         for b in self.new_blocks:
             # dW_i = a_i B_i A_i / (||B_i||_F ||A_i||_F): direction frozen, magnitude trains.
-            # The switch to the normalised form is not function-preserving; the magnitude
-            # is re-learnt on the next task, as in the method's formulation.
+            # The switch to the normalised form is not function-preserving (the official
+            # code rebuilds the model for each task and re-learns every a_i).
             b.A.requires_grad_(False)
             b.B.requires_grad_(False)
             b.normalized = True
+        if self.cfg.reset_magnitudes:
+            with torch.no_grad():
+                for m in self.magnitudes():
+                    m.fill_(self.cfg.magnitude_init)
         self.new_blocks = self._add_blocks(self.model)
+        self._track(self.new_blocks)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
 from clbench.adapters.experts import (
@@ -175,7 +178,9 @@ def test_moe_frozen_experts_do_not_change_in_later_tasks():
     torch.manual_seed(0)
     vit = build_micro_vit()
     cls = STRATEGIES.get("moe_adapters")
-    cfg = cls.Config(name="moe_adapters", epochs=2, experts=6, bottleneck=8, ae_steps=50)
+    cfg = cls.Config(
+        name="moe_adapters", recipe="mtil", epochs=2, experts=6, bottleneck=8, ae_steps=50
+    )
     st = cls(model=ClassifierModel(vit, vit.num_features), cfg=cfg, n_experiences=5)
     st.train(exps[0], eval_streams=[])
     frozen = [list(f) for f in st.frozen_experts]
@@ -209,14 +214,127 @@ def test_moe_frozen_experts_do_not_change_in_later_tasks():
             explicit = st.model(x)
     assert torch.equal(plain, explicit)
     assert all(m.task_ids is None for m in st.mixtures)
+    # official DDAS: one router for the whole test batch, even a batch mixing tasks
+    mixed = torch.cat([x[:4], torch.stack([exps[2].dataset[i][0] for i in range(4)])])
+    assert st.cfg.ddas_routing == "batch" and st.route(mixed).unique().numel() == 1
 
 
-@pytest.mark.parametrize("name", ["mora", "moe_adapters"])
-def test_cli_runs_expert_mixtures(tmp_path, name):
-    extra = ["strategy.experts=4", "strategy.ae_steps=20"] if name == "moe_adapters" else []
+@pytest.mark.parametrize(
+    ("name", "extra", "passes"),
+    [
+        ("mora", [], 1.0),
+        ("moe_adapters", [], 1.0),  # class-incremental recipe: one shared router, no DDAS
+        # MTIL recipe: DDAS needs the frozen features, a second pass per prediction
+        (
+            "moe_adapters",
+            ["strategy.recipe=mtil", "strategy.experts=4", "strategy.ae_steps=20"],
+            2.0,
+        ),
+    ],
+)
+def test_cli_runs_expert_mixtures(tmp_path, name, extra, passes):
     code = run_cli(["run", *FAST, f"strategy={name}", *extra, f"runs_dir={tmp_path}"])
     assert code == 0
     res = results_of(only_run_dir(tmp_path))
     assert len(res["accuracy_matrix"]) == 2
-    expected = 2.0 if name == "moe_adapters" else 1.0  # DDAS needs the frozen features
-    assert res["efficiency"]["passes_per_prediction"] == pytest.approx(expected)
+    assert res["efficiency"]["passes_per_prediction"] == pytest.approx(passes)
+
+
+def _moe(**overrides: object):
+    torch.manual_seed(0)
+    vit = build_micro_vit()
+    cls = STRATEGIES.get("moe_adapters")
+    cfg = cls.Config(name="moe_adapters", **overrides)
+    return cls(model=ClassifierModel(vit, vit.num_features), cfg=cfg, n_experiences=2)
+
+
+def test_moe_recipes_fill_what_is_left_unset():
+    cls = STRATEGIES.get("moe_adapters")
+    ci = cls.Config(name="moe_adapters")
+    assert ci.recipe == "class_incremental"
+    assert (ci.experts, ci.top_k, ci.routers, ci.freeze_top) == (2, 2, "shared", 0)
+    assert (ci.label_smoothing, ci.balance, ci.warmup_steps) == (0.0, 0.0, 30)
+    assert (ci.optimizer, ci.lr, ci.lr_schedule) == ("adamw", 1e-3, "warmup_cosine")
+    mtil = cls.Config(name="moe_adapters", recipe="mtil")
+    assert (mtil.experts, mtil.routers, mtil.freeze_top) == (22, "per_task", 2)
+    assert (mtil.label_smoothing, mtil.warmup_steps, mtil.ddas_routing) == (0.2, 100, "batch")
+    mixed = cls.Config(name="moe_adapters", recipe="mtil", experts=6, label_smoothing=0.0)
+    assert (mixed.experts, mixed.label_smoothing, mixed.freeze_top) == (6, 0.0, 2)
+    from clbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"strategy\.recipe"):
+        cls.Config(name="moe_adapters", recipe="cil")
+    with pytest.raises(ConfigError, match=r"strategy\.routers"):
+        cls.Config(name="moe_adapters", routers="per_sample")
+
+
+def test_moe_class_incremental_recipe_builds_one_shared_router_and_no_autoencoder():
+    build = SCENARIOS.get("split_digits")
+    exps = list(build(build.Config(n_experiences=5)).train_stream)[:2]
+    st = _moe(epochs=1, bottleneck=8)
+    assert not hasattr(st.model, "task_autoencoders")
+    assert all(len(m.experts) == 2 and m.top_k == 2 for m in st.mixtures)
+    router = None
+    for exp in exps:
+        st.train(exp, eval_streams=[])
+        assert all(len(m.routers) == 1 for m in st.mixtures)
+        if router is None:
+            router = [m.routers[0].w_gate.clone() for m in st.mixtures]
+    # the one router keeps training on the second task; no expert is ever frozen
+    assert any(
+        not torch.equal(r, m.routers[0].w_gate) for r, m in zip(router, st.mixtures, strict=True)
+    )
+    assert st.frozen_experts == [[] for _ in st.mixtures]
+    assert all(p.requires_grad for m in st.mixtures for p in m.parameters())
+    x = torch.stack([exps[0].dataset[i][0] for i in range(4)])
+    st.model.eval()
+    assert st.route(x).tolist() == [0, 0, 0, 0]
+
+
+def test_mtil_recipe_builds_a_router_per_task_and_autoencoders():
+    st = _moe(recipe="mtil", experts=6)
+    assert isinstance(st.model.task_autoencoders, TaskAutoencoders)
+    assert all(len(m.experts) == 6 for m in st.mixtures)
+    st.adapt_to_experience()
+    st.adapt_to_experience()
+    assert all(len(m.routers) == 2 for m in st.mixtures)
+    assert all(not p.requires_grad for m in st.mixtures for p in m.routers[0].parameters())
+
+
+def test_ddas_batch_routing_picks_one_router_per_batch():
+    g = torch.Generator().manual_seed(0)
+    aes = TaskAutoencoders(16, 4)
+    centres = [torch.zeros(16), torch.full((16,), 4.0)]
+    for c in centres:
+        aes.fit(c + 0.1 * torch.randn(200, 16, generator=g), 300, 1e-2, 64, g)
+    batch = torch.cat([centres[0] + torch.zeros(5, 16), centres[1] + torch.zeros(3, 16)])
+    assert aes.route(batch, None).tolist() == [0] * 5 + [1] * 3
+    by_batch = aes.route(batch, None, per_batch=True)
+    assert by_batch.unique().numel() == 1
+    best = int(aes.errors(batch).mean(0).argmin())
+    assert by_batch.tolist() == [best] * 8
+    assert aes.route(batch, threshold=1e-9, per_batch=True).tolist() == [-1] * 8
+
+
+class LrProbe(SupervisedPlugin):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lrs: list[float] = []
+
+    def before_training_iteration(self, strategy, **kwargs) -> None:
+        self.lrs.append(strategy.optimizer.param_groups[0]["lr"])
+
+
+def test_moe_warmup_cosine_schedule_is_linear_then_cosine_per_step():
+    build = SCENARIOS.get("split_digits")
+    exp = build(build.Config(n_experiences=5)).train_stream[0]
+    probe = LrProbe()
+    st = _moe(epochs=1, bottleneck=4, warmup_steps=3, lr=1e-3)
+    st.plugins.append(probe)
+    st.train(exp, eval_streams=[])
+    n, w = len(probe.lrs), 3
+    assert n > w + 2
+    expected = [1e-3 * (s + 1) / w for s in range(w)] + [
+        1e-3 * (1 + math.cos(math.pi * (s - w) / (n - w))) / 2 for s in range(w, n)
+    ]
+    assert probe.lrs == pytest.approx(expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -89,6 +90,68 @@ def test_sdlora_past_directions_fixed_magnitudes_learn(scenario):
     assert any(abs(float(b.magnitude) - m) > 1e-4 for b, m in zip(first, mags, strict=True))
 
 
+class MagnitudeProbe(SupervisedPlugin):
+    """SD-LoRA's distinct magnitudes when each task's training starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_start: list[list[float]] = []
+
+    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        if strategy.clock.train_exp_epochs == 0:
+            self.at_start.append([float(m) for m in strategy.magnitudes()])
+
+
+def _distinct_magnitudes(st: Any) -> list[torch.nn.Parameter]:
+    found: dict[int, torch.nn.Parameter] = {}
+    for layer in lora_layers(st.model).values():
+        for b in layer.blocks:
+            found.setdefault(id(b.magnitude), b.magnitude)
+    return list(found.values())
+
+
+def test_sdlora_one_magnitude_per_task_shared_by_every_block_and_reset_to_init(scenario):
+    probe = MagnitudeProbe()
+    st = _strategy("sdlora", plugins=[probe], epochs=1, targets=["q", "v"])
+    blocks = [b for layer in lora_layers(st.model).values() for b in layer.blocks]
+    n_layers = len(lora_layers(st.model))
+    assert len(blocks) == 2 * n_layers > 2  # q and v in every block...
+    (shared,) = _distinct_magnitudes(st)  # ...and one scalar for all of them
+    assert shared.numel() == 1 and all(b.magnitude is shared for b in blocks)
+    trainable = {id(p) for p in st.trainable_parameters()}
+    assert id(shared) in trainable
+    # one gradient step: every block's contribution lands on the one scalar
+    x = scenario.test_stream[0].dataset[0][0].unsqueeze(0).repeat(4, 1, 1, 1)
+    with torch.no_grad():
+        for b in blocks:
+            b.B.normal_()
+    st.model.head.grow(2)
+    st.model(x).sum().backward()
+    assert shared.grad is not None and float(shared.grad.abs()) > 0
+    before = float(shared)
+    torch.optim.SGD([shared], lr=0.1).step()
+    assert float(shared) != before
+    shared.grad = None
+
+    st = _strategy("sdlora", plugins=[probe], epochs=1, targets=["q", "v"])
+    probe.at_start.clear()
+    for exp in list(scenario.train_stream)[:3]:
+        st.train(exp, eval_streams=[])
+    mags = _distinct_magnitudes(st)
+    assert len(mags) == 3 and st.magnitudes() == mags  # one per task
+    at_start = [[round(v, 6) for v in row] for row in probe.at_start]
+    assert at_start == [[0.8], [0.8, 0.8], [0.8, 0.8, 0.8]]  # past ones restart
+    assert all(abs(float(m) - 0.8) > 1e-6 for m in mags)  # and every one of them trains
+    assert {id(m) for m in mags} <= {id(p) for p in st.trainable_parameters()}
+
+
+def test_sdlora_per_block_variant_keeps_one_magnitude_per_block(scenario):
+    st = _strategy("sdlora", epochs=1, targets=["q", "v"], magnitude_per_block=True)
+    st.train(scenario.train_stream[0], eval_streams=[])
+    n_blocks = sum(len(layer.blocks) for layer in lora_layers(st.model).values())
+    assert len(_distinct_magnitudes(st)) == n_blocks == len(st.magnitudes())
+
+
 @pytest.mark.parametrize("name", ["lora", "olora", "sdlora"])
 def test_merging_leaves_outputs_and_costs_the_bare_backbone(scenario, name):
     st = _strategy(name, epochs=1)
@@ -108,6 +171,26 @@ def test_merging_leaves_outputs_and_costs_the_bare_backbone(scenario, name):
         p.numel() for p in model.head.parameters()
     )
     assert sum(p.numel() for p in model.parameters()) == n_bare == expected_params
+
+
+class EpochLrProbe(SupervisedPlugin):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lrs: list[float] = []
+
+    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        self.lrs.append(strategy.optimizer.param_groups[0]["lr"])
+
+
+def test_inflora_default_is_the_official_quarter_cosine(scenario):
+    probe = EpochLrProbe()
+    st = _strategy("inflora", plugins=[probe], epochs=3, lr=1e-3)
+    assert st.cfg.lr_schedule == "quarter_cosine"
+    st.n_experiences = scenario.num_experiences
+    st.train(scenario.train_stream[0], eval_streams=[])
+    expected = [1e-3 * math.cos(99 * math.pi * e / 400) for e in range(3)]
+    assert probe.lrs == pytest.approx(expected)
+    assert probe.lrs[-1] == pytest.approx(1e-3 * 0.0157, abs=1e-6)
 
 
 def test_inflora_designs_a_orthogonal_to_the_basis_which_grows(scenario):

@@ -40,8 +40,14 @@ def class_incremental_strategies() -> list[str]:
     return sorted(n for n in STRATEGIES.names() if issubclass(STRATEGIES.get(n), CLStrategy))
 
 
-@pytest.mark.parametrize("strategy", class_incremental_strategies())
-def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, strategy):
+#: (strategy, its extra overrides): every registered strategy, plus recipes with other state
+CASES = [(name, EXTRA.get(name, [])) for name in class_incremental_strategies()] + [
+    ("moe_adapters", ["strategy.recipe=mtil", "strategy.experts=4", "strategy.ae_steps=10"]),
+]
+
+
+@pytest.mark.parametrize(("strategy", "extra"), CASES)
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, strategy, extra):
     from clbench.protocols import class_incremental as ci
 
     snapshot = tmp_path / "killed"
@@ -53,7 +59,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, strateg
             shutil.copytree(ctx.run_dir, snapshot)
 
     monkeypatch.setattr(ci, "save_checkpoint", save_and_snapshot)
-    run = ["run", *ARGS, f"strategy={strategy}", *EXTRA.get(strategy, [])]
+    run = ["run", *ARGS, f"strategy={strategy}", *extra]
     assert run_cli([*run, f"runs_dir={tmp_path / 'straight'}"]) == 0
     monkeypatch.setattr(ci, "save_checkpoint", save)
     (straight,) = (tmp_path / "straight").iterdir()

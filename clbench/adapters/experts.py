@@ -7,13 +7,15 @@
   and ``dW x = sum_i w_i B_i A_i x`` (times the block's ``alpha / r``). No router.
 - :class:`Adapter`, :class:`NoisyTopKRouter`, :class:`AdapterMixture`: MoE-Adapters4CL.
   Adapter experts run in parallel to a block's MLP on the block's residual stream:
-  ``x <- x + MLP(LN x) + sum_topk g_e Adapter_e(x)``; the gate comes from one router per
-  task (noisy top-k on the CLS token, Shazeer et al. 2017) with the load-balancing loss
+  ``x <- x + MLP(LN x) + sum_topk g_e Adapter_e(x)``; the gate comes from a router (one
+  per task, or one shared by all; noisy top-k on the CLS token, Shazeer et al. 2017) with
+  the load-balancing loss
   ``cv^2(importance) + cv^2(load)``. :func:`add_adapter_mixtures` inserts them into a timm
   ViT or an open_clip transformer.
 - :class:`TaskAutoencoders`: DDAS test-time task routing: one small autoencoder per task
-  on the frozen backbone's features; the task with the lowest reconstruction error picks
-  the router, and above a threshold the input falls back to the frozen model.
+  on the frozen backbone's features; the task with the lowest reconstruction error (per
+  sample, or batch-mean for a whole batch) picks the router, and above a threshold the
+  input falls back to the frozen model.
 """
 
 from __future__ import annotations
@@ -323,9 +325,15 @@ class TaskAutoencoders(nn.Module):
             return float((ae(feats) - feats).pow(2).mean())
 
     @torch.no_grad()
-    def route(self, feats: torch.Tensor, threshold: float | None) -> torch.Tensor:
-        """(N,) the task of the lowest error; -1 where that error exceeds ``threshold``."""
+    def route(
+        self, feats: torch.Tensor, threshold: float | None, per_batch: bool = False
+    ) -> torch.Tensor:
+        """(N,) the task of the lowest error; -1 where that error exceeds ``threshold``.
+        ``per_batch``: one task for the whole batch, from the batch-mean errors (what the
+        official MoE-Adapters code does)."""
         err = self.errors(feats)
+        if per_batch:
+            err = err.mean(0, keepdim=True).expand_as(err)
         best, task = err.min(dim=1)
         if threshold is not None:
             task = torch.where(best > threshold, torch.full_like(task, -1), task)

@@ -90,7 +90,7 @@ class LoRABlock(nn.Module):
             "dropout": float(self.dropout.p) if isinstance(self.dropout, nn.Dropout) else 0.0,
             "out_slice": None if self.out_slice is None else list(self.out_slice),
             "gated": self.gate is not None,
-            "magnitude": None if self.magnitude is None else float(self.magnitude),
+            "magnitude": None if self.magnitude is None else float(self.magnitude.detach()),
             "normalized": self.normalized,
         }
 
@@ -450,6 +450,23 @@ def add_blocks(
                     out_slice = (part * width, (part + 1) * width)
                 blocks.append(layer.add_block(rank, alpha, out_slice=out_slice, **kwargs))
     return blocks
+
+
+def share_magnitude(blocks: Sequence[LoRABlock]) -> nn.Parameter:
+    """Make every block of ``blocks`` use the first one's magnitude: one learnable scalar
+    for all of them (SD-LoRA's one magnitude per task, shared by every layer and target).
+
+    The parameter is registered in each block, so ``model.parameters()`` yields it once
+    and dropping the blocks (``merge_and_clear``) drops it. It trains if any block's did.
+    """
+    if not blocks or any(b.magnitude is None for b in blocks):
+        raise ValueError("share_magnitude needs blocks built with a magnitude")
+    shared = blocks[0].magnitude
+    assert shared is not None
+    shared.requires_grad_(any(b.magnitude.requires_grad for b in blocks))  # type: ignore[union-attr]
+    for b in blocks[1:]:
+        b.magnitude = shared
+    return shared
 
 
 def merge_all(layers: Iterable[LoRALinear]) -> None:
