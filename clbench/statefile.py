@@ -4,7 +4,7 @@ A run checkpoint (and any other state clbench must read back) is *data*: the ten
 into a safetensors file and everything else (numbers, strings, lists, mappings) into a
 JSON document stored in the same file's metadata, where each tensor is a
 ``{"__tensor__": key}`` placeholder. Loading parses JSON and copies raw tensor bytes;
-nothing in the file is ever executed, unlike a pickle (``torch.load(weights_only=False)``).
+nothing in the file is ever executed, unlike a pickled checkpoint.
 
 Supported leaves: ``None``, ``bool``, ``int``, ``float`` (NaN and infinities included),
 ``str``, ``torch.Tensor`` and ``numpy.ndarray`` (restored as what it was). Containers:
@@ -78,6 +78,8 @@ def save(path: Path, tree: Any) -> None:
     """
     from safetensors.torch import save_file
 
+    from clbench.record import describe_os_error
+
     skeleton, tensors = encode(tree)
     meta = {"format": FORMAT, "tree": json.dumps(skeleton, allow_nan=True)}
     tmp = path.with_name(f".{path.name}.tmp")
@@ -86,7 +88,7 @@ def save(path: Path, tree: Any) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise ClbenchError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+        raise ClbenchError(f"cannot write {path}: {describe_os_error(e)}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clbench.errors import first_line
+
 if TYPE_CHECKING:
     from clbench.record import RunRecord
 
@@ -96,7 +98,7 @@ def describe_error(e: BaseException, timeout: int = DEFAULT_TIMEOUT) -> str:
             reason = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(seen))
             return "cannot connect" + (f": {reason.group(1)}" if reason else "")
         seen = seen.__cause__ or seen.__context__
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return first_line(e)
 
 
 def _sqlite_path(uri: str) -> Path | None:

@@ -24,7 +24,7 @@ Shape = tuple[int | None, ...]
 def torch_load_failure(e: BaseException) -> str:
     """One line for a failed ``torch.load(..., weights_only=True)``: the global it refused
     to unpickle (a checkpoint that would run code), or why the file is unreadable.
-    (torch's own message is a paragraph that suggests ``weights_only=False``.)"""
+    (torch's own message is a paragraph suggesting to turn the weights-only mode off.)"""
     text = " ".join(str(e).split())
     refused = re.search(r"unsupported GLOBAL (\S+?)[ .]*(?:whose|$)", text, re.I) or re.search(
         r"Unsupported global: GLOBAL (\S+)", text

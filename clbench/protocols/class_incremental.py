@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from clbench.config import to_container
 from clbench.errors import ClbenchError, ConfigError, first_line
 from clbench.progress import ProgressPlugin
 from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
-from clbench.record import RunRecord
+from clbench.record import RunRecord, write_text_atomic
 from clbench.scenarios.base import Scenario
 from clbench.seeding import rng_state, set_rng_state
 from clbench.strategies.base import CLStrategy, mask_logits
@@ -516,15 +515,3 @@ def load_checkpoint(ctx: RunContext) -> tuple[CLStrategy, ClassIncrementalResult
     result.resumed_after = len(result.accuracy_matrix)
     print(f"resuming {run_dir} after experience {state['experiences_done']}", file=sys.stderr)
     return strategy, result
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file; a failure leaves neither a
-    temporary file nor a half-written ``path``, and is one line."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ClbenchError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
