@@ -3,12 +3,14 @@
 Avalanche datasets fetch one sample at a time through several wrappers. For data
 that already lives in memory as tensors (every embedded scenario) the experience is
 materialised once and mini-batches are slices of the stacked tensors: the same
-samples, the same order for a given generator, a fraction of the overhead.
+samples, the same order for a given generator, a fraction of the overhead. Lazy datasets
+(images read from files) are read batch by batch with :func:`read_batches`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -54,3 +56,36 @@ class TensorBatches:
         for i in range(len(self)):
             s = slice(i * self.batch_size, (i + 1) * self.batch_size)
             yield [t[s] for t in data]
+
+
+def read_batches(
+    dataset: Dataset, batches: Sequence[Sequence[int]], num_workers: int = 0
+) -> Iterator[list[torch.Tensor]]:
+    """The items of ``dataset`` at each batch of indices, collated (x, y, ...), read through
+    a DataLoader (``num_workers`` processes) in the order given: for lazy datasets.
+
+    A :class:`~clbench.errors.ClbenchError` raised while reading (an unreadable file) stays
+    one line when it comes from a worker process."""
+    from clbench.errors import ClbenchError
+
+    try:  # no more processes than the CPUs this process may use
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[list(b) for b in batches],
+        collate_fn=getattr(dataset, "collate_fn", None),
+        num_workers=min(num_workers, cpus),
+    )
+    try:
+        for batch in loader:
+            yield list(batch)
+    except ClbenchError as e:
+        text = str(e)
+        if not text.startswith("Caught "):
+            raise
+        # a worker's error comes back as "Caught ClbenchError in DataLoader worker process
+        # N.\nOriginal Traceback ...\nclbench.errors.ClbenchError: <message>"
+        last = text.strip().splitlines()[-1]
+        raise type(e)(last.partition("Error: ")[2] or last) from None

@@ -68,3 +68,23 @@ def online_error_bars(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def request_curves(series: dict[str, Sequence[float | None]], path: Path, title: str) -> Path:
+    """Several accuracies after each erasure request (missing values are gaps)."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.2), dpi=100)
+    for label, values in series.items():
+        y = np.array([np.nan if v is None else v for v in values], dtype=float)
+        ax.plot(np.arange(1, len(y) + 1), y, marker="o", label=label)
+    n = max((len(v) for v in series.values()), default=1)
+    ax.set_xticks(np.arange(1, n + 1))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("after request")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path

@@ -11,4 +11,7 @@ BUILTINS: dict[str, str] = {
     "cifar10_c": "clbench.scenarios.tta:cifar10_c",
     "cifar100_c": "clbench.scenarios.tta:cifar100_c",
     "imagenet_c": "clbench.scenarios.tta:imagenet_c",
+    "glyph_forget": "clbench.scenarios.forgetting:glyph_forget",
+    "digits_forget": "clbench.scenarios.forgetting:digits_forget",
+    "imagefolder_forget": "clbench.scenarios.imagefolder:imagefolder_forget",
 }

@@ -13,8 +13,10 @@ from clbench.backbones.micro_vit import MICRO_VIT_ARCH, build_micro_vit
 from clbench.pretrain import train
 from clbench.pretrain.glyphs import CHARACTERS, GlyphSource, glyph_batches
 from clbench.pretrain.train import (
+    HEAD_PREFIX,
     default_checkpoint_path,
     ensure_pretrained,
+    load_glyph_head,
     load_micro_vit,
     pretrain_micro_vit,
     read_metadata,
@@ -102,9 +104,14 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert 0.0 <= float(meta["source_accuracy"]) <= 1.0 and meta["source"]
     model = load_micro_vit(path)
     assert not model.training
+    tensors = load_file(path)
+    head_keys = {k for k in tensors if k.startswith(HEAD_PREFIX)}
+    assert head_keys == {HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"}
     reference = build_micro_vit()
-    reference.load_state_dict(load_file(path))
+    reference.load_state_dict({k: v for k, v in tensors.items() if k not in head_keys})
     x = GlyphSource().sample(8, torch.Generator().manual_seed(1))[0]
+    head = load_glyph_head(path)
+    assert head is not None and head.out_features == GlyphSource().num_classes
     with torch.no_grad():
         assert torch.equal(model(x), reference.eval()(x))
         assert torch.equal(model(x), load_micro_vit(path)(x))

@@ -25,6 +25,7 @@ matching, tower selection and the module swap are :mod:`clbench.adapters.inject`
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -509,3 +510,47 @@ def prune_zero_ranks(block: LoRABlock) -> int:
         block.gate = nn.Parameter(block.gate[keep].clone(), requires_grad=grads)
         block.rank = int(keep.numel())
     return block.rank
+
+
+#: the transformer block a qualified module name lies in: ``...blocks.3.`` (timm ViT) or
+#: ``...resblocks.3.`` (open_clip); the match up to the index names the block
+_BLOCK_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:res)?blocks\.\d+)\.")
+
+
+def lora_groups_by_block(
+    model: nn.Module, trainable_only: bool = True
+) -> dict[str, list[torch.Tensor]]:
+    """The LoRA factors (A and B of every block) of ``model`` grouped by transformer block.
+
+    Keys are the blocks' qualified names (``blocks.0``, ``visual.transformer.resblocks.3``;
+    in ``named_modules`` order); values the A and B of every LoRA block of every wrapped
+    linear inside that transformer block (GS-LoRA's group: fc1's and fc2's A and B).
+    ``trainable_only`` keeps the factors that require grad. A wrapped linear outside any
+    transformer block is refused (it belongs to no group).
+    """
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, layer in lora_layers(model).items():
+        found = _BLOCK_PREFIX.match(name + ".")
+        if found is None:
+            raise ValueError(f"LoRA layer {name!r} is in no transformer block (blocks.N)")
+        for block in layer.blocks:
+            for p in (block.A, block.B):
+                if p.requires_grad or not trainable_only:
+                    groups.setdefault(found.group(1), []).append(p)
+    return groups
+
+
+def group_lasso(groups: Iterable[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Group lasso: the sum over groups of the L2 norm of the group's entries,
+    ``sum_g sqrt(sum_{p in g} sum p**2)`` (GS-LoRA's L_structure).
+
+    Computed as a norm of per-tensor norms: the same value, and a zero gradient (not NaN)
+    for a group that is exactly zero. An empty ``groups`` gives 0.
+    """
+    total: torch.Tensor | None = None
+    for group in groups:
+        if len(group) == 0:
+            continue
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in group]))
+        total = norm if total is None else total + norm
+    return torch.zeros(()) if total is None else total

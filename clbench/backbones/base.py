@@ -13,7 +13,7 @@ from __future__ import annotations
 import pickle
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -55,6 +55,10 @@ class Backbone:
     #: a classifier that came with the weights (a RobustBench checkpoint's ``fc``): the
     #: backbone plus this head is a ready source model
     head: nn.Linear | None = None
+    #: classifiers of other tasks that came with the weights, by task id (the micro ViT's
+    #: glyph head, pretrained with it): a scenario whose source data has that id starts
+    #: from the backbone plus that head (``clbench.pretrain.source.source_classifier``)
+    task_heads: dict[str, nn.Linear] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.input_shapes:

@@ -10,8 +10,10 @@ from clbench.backbones.micro_vit import MICRO_VIT_ARCH, build_micro_vit
 from clbench.errors import ClbenchError, first_line
 from clbench.pretrain.train import (
     DEFAULT_STEPS,
+    GLYPH_TASK,
     corrupt_cache_fix,
     ensure_pretrained,
+    load_glyph_head,
     load_micro_vit,
 )
 
@@ -28,6 +30,7 @@ class MicroViTConfig:
 
 def micro_vit(cfg: MicroViTConfig, progress: bool = True) -> Backbone:
     """timm VisionTransformer, 16x16 grey input, ViT-B/16 module names (offline weights)."""
+    heads = {}
     if cfg.pretrained == "none":
         module, source = build_micro_vit(), "random-init"
     else:
@@ -44,6 +47,9 @@ def micro_vit(cfg: MicroViTConfig, progress: bool = True) -> Backbone:
                 )
         try:  # safetensors: tensors and a JSON header, nothing is unpickled
             module = load_micro_vit(path)
+            head = load_glyph_head(path)
+            if head is not None:
+                heads[GLYPH_TASK] = head
         except ValueError as e:
             if cfg.pretrained == "glyphs":
                 fix = corrupt_cache_fix(cfg.pretrain_seed, cfg.pretrain_steps)
@@ -58,6 +64,7 @@ def micro_vit(cfg: MicroViTConfig, progress: bool = True) -> Backbone:
         input_shape=(arch["in_chans"], arch["img_size"], arch["img_size"]),
         source=source,
         stem="patch_embed",
+        task_heads=heads,
     )
 
 

@@ -225,10 +225,18 @@ class GlyphSource:
         return grid
 
     def sample_bitmaps(
-        self, n: int, generator: torch.Generator
+        self, n: int, generator: torch.Generator, classes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` random (32, 32) binary bitmaps (float 0/1) and their labels."""
-        index = torch.randint(len(self.labels), (n,), generator=generator)
+        """``n`` random (32, 32) binary bitmaps (float 0/1) and their labels; ``classes``
+        (``n`` labels): render these classes, each in a uniformly drawn font."""
+        if classes is None:
+            index = torch.randint(len(self.labels), (n,), generator=generator)
+        else:
+            fonts = len(self.labels) // self.num_classes  # templates are font-major
+            font = torch.randint(fonts, (n,), generator=generator)
+            index = font * self.num_classes + classes
+            if not torch.equal(self.labels[index], classes):
+                raise AssertionError("glyph templates are not laid out font-major")
         gray = F.grid_sample(
             self.templates[index],
             self._warp_grid(n, generator),
@@ -241,15 +249,18 @@ class GlyphSource:
         return bitmap, self.labels[index]
 
     def sample_counts(
-        self, n: int, generator: torch.Generator
+        self, n: int, generator: torch.Generator, classes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` random (8, 8) block-count images (levels 0..16), like ``load_digits().images``."""
-        bitmap, labels = self.sample_bitmaps(n, generator)
+        bitmap, labels = self.sample_bitmaps(n, generator, classes)
         return block_count(bitmap), labels
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` random model inputs ``(n, 1, 16, 16)`` in [-1, 1] and their labels."""
-        counts, labels = self.sample_counts(n, generator)
+    def sample(
+        self, n: int, generator: torch.Generator, classes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` random model inputs ``(n, 1, 16, 16)`` in [-1, 1] and their labels
+        (``classes``: the labels to render, one per sample)."""
+        counts, labels = self.sample_counts(n, generator, classes)
         return to_model_input(counts), labels
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,20 @@ from clbench.pretrain.train import _save_atomic, cache_dir
 
 RECIPE_VERSION = 1
 BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class SourceRecipe:
+    """How the source model is trained on the scenario's labelled source stream when the
+    backbone does not come with a classifier (see ``clbench.pretrain.source``)."""
+
+    data_id: str  # names the source data in the cache key
+    epochs: int
+    lr: float
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "lr": self.lr, "seed": self.seed}
 
 
 def _cache_path(backbone: Backbone, source_id: str, recipe: dict[str, Any]) -> Path:
@@ -62,7 +77,10 @@ def source_classifier(backbone: Backbone, scenario: Any, progress: bool = True) 
     """The scenario's source model on ``backbone``: loaded, cached or trained (eval mode)."""
     n_classes = len(scenario.class_names)
     model = ClassifierModel(backbone.module, backbone.feature_dim)
+    source_recipe = getattr(scenario.stream, "source", None)
     head = backbone.head
+    if head is None and source_recipe is not None:
+        head = backbone.task_heads.get(source_recipe.data_id)
     if head is not None:
         if head.out_features != n_classes:
             raise ClbenchError(
@@ -72,7 +90,6 @@ def source_classifier(backbone: Backbone, scenario: Any, progress: bool = True) 
         model.head.fc = head
         return model.eval()
     streams = scenario.benchmark.streams
-    source_recipe = getattr(scenario.stream, "source", None)
     if "source" not in streams or source_recipe is None:
         raise ClbenchError(
             f"scenario {scenario.name} has no source data to train a source model on; give a "
@@ -129,4 +146,24 @@ def source_classifier(backbone: Backbone, scenario: Any, progress: bool = True) 
     _save_atomic(state, metadata, path)
     if progress:
         tqdm.write(f"source model trained (train accuracy {accuracy:.3f}): {path}")
+    return model.eval()
+
+
+def start_classifier(backbone: Backbone, path: str, class_names: list[str]) -> ClassifierModel:
+    """A classifier trained elsewhere on every class: ``backbone`` and a linear head of
+    ``len(class_names)`` units, loaded from the safetensors file ``path`` (the state dict
+    of :class:`~clbench.models.ClassifierModel`: ``backbone.*`` and ``head.fc.*``)."""
+    model = ClassifierModel(backbone.module, backbone.feature_dim)
+    model.head.grow(len(class_names))
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ClbenchError(f"start model not found: {str(file)!r}; give a .safetensors file")
+    try:  # safetensors: tensors and a JSON header, nothing is unpickled
+        model.load_state_dict(load_file(str(file)), strict=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ClbenchError(
+            f"{file} is not a {backbone.name} classifier of {len(class_names)} classes "
+            f"({type(e).__name__}: {first_line(e)}); save ClassifierModel.state_dict() "
+            "with safetensors"
+        ) from None
     return model.eval()

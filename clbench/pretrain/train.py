@@ -37,7 +37,14 @@ WARMUP_FRACTION = 0.05
 LABEL_SMOOTHING = 0.1
 EVAL_SAMPLES = 2048
 CACHE_ENV_VAR = "CLBENCH_CACHE_DIR"
-FORMAT = "clbench.micro_vit/1"
+FORMAT = "clbench.micro_vit/2"
+#: checkpoint formats that load: /1 holds the backbone only, /2 also the glyph head
+FORMATS = ("clbench.micro_vit/1", FORMAT)
+#: the prefix of the glyph classifier's tensors in a /2 checkpoint
+HEAD_PREFIX = "glyph_head."
+#: names the glyph source task: a backbone's ``task_heads`` key and the ``data_id`` of a
+#: scenario whose start model is the pretrained classifier (``glyph_forget``)
+GLYPH_TASK = f"glyphs/v{SOURCE_VERSION}"
 
 
 def cache_dir() -> Path:
@@ -49,6 +56,7 @@ def cache_dir() -> Path:
 def _recipe_hash(arch: dict[str, Any]) -> str:
     """Short hash of everything besides seed/steps/batch that changes the weights."""
     recipe = {
+        "format": FORMAT,
         "arch": arch,
         "source_version": SOURCE_VERSION,
         "lr": LEARNING_RATE,
@@ -104,7 +112,7 @@ def pretrain_micro_vit(
     out: Path | None = None,
     progress: bool = True,
 ) -> Path:
-    """Pretrain the micro ViT on glyph classification and save its backbone weights.
+    """Pretrain the micro ViT on glyph classification; save its backbone and glyph head.
 
     Deterministic from ``seed``: same seed (and machine) gives bitwise-identical weights.
     The caller's global RNG state is left untouched. Returns the checkpoint path
@@ -157,6 +165,7 @@ def pretrain_micro_vit(
         f"matplotlib {matplotlib.__version__}",
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state.update({HEAD_PREFIX + k: v.detach().contiguous() for k, v in head.state_dict().items()})
     _save_atomic(state, metadata, out)
     if progress:
         elapsed = time.perf_counter() - start
@@ -174,7 +183,7 @@ def read_metadata(path: Path | str) -> dict[str, str]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"unreadable micro ViT checkpoint {path}: {err}") from err
-    if metadata.get("format") != FORMAT or "arch" not in metadata:
+    if metadata.get("format") not in FORMATS or "arch" not in metadata:
         raise ValueError(
             f"{path} is not a micro ViT checkpoint (format {metadata.get('format')!r})"
         )
@@ -189,10 +198,30 @@ def load_micro_vit(path: Path | str) -> VisionTransformer:
         arch = json.loads(metadata["arch"])
         with torch.random.fork_rng(devices=[]):  # random init is overwritten; spare caller RNG
             model = build_micro_vit(**arch)
-        model.load_state_dict(load_file(str(path)), strict=True)
+        tensors = load_file(str(path))
+        backbone = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
+        model.load_state_dict(backbone, strict=True)
     except (SafetensorError, RuntimeError, TypeError, ValueError) as err:
         raise ValueError(f"cannot load micro ViT checkpoint {path}: {err}") from err
     return model.eval()
+
+
+def load_glyph_head(path: Path | str) -> torch.nn.Linear | None:
+    """The glyph classifier pretrained with the backbone (None in a backbone-only file)."""
+    try:
+        tensors = {
+            k[len(HEAD_PREFIX) :]: v
+            for k, v in load_file(str(path)).items()
+            if k.startswith(HEAD_PREFIX)
+        }
+        if not tensors:
+            return None
+        weight = tensors["weight"]
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        head.load_state_dict(tensors, strict=True)
+    except (SafetensorError, OSError, KeyError, RuntimeError, ValueError) as err:
+        raise ValueError(f"cannot load the glyph head of {path}: {err}") from err
+    return head.eval()
 
 
 def corrupt_cache_fix(seed: int, steps: int) -> str:

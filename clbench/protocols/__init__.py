@@ -9,4 +9,5 @@ no protocol (nor torch); the registry imports one when it is used
 BUILTINS: dict[str, str] = {
     "class_incremental": "clbench.protocols.class_incremental:ClassIncremental",
     "test_time": "clbench.protocols.tta:TestTimeAdaptation",
+    "forgetting": "clbench.protocols.forgetting:Forgetting",
 }

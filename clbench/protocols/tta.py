@@ -27,6 +27,7 @@ from clbench import plots
 from clbench.adapters.tta import SavedTensorMeter, state_bytes
 from clbench.data import materialise
 from clbench.errors import ClbenchError
+from clbench.pretrain.source import SourceRecipe
 from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
 from clbench.record import RunRecord
 from clbench.scenarios.base import Scenario
@@ -40,20 +41,6 @@ MB = 1024 * 1024
 #: exactly one-hot, so entropy gradients vanish while the weights keep growing (Tent at
 #: lr 1e9 reaches 1e10 with every value finite)
 LOGIT_LIMIT = 1e6
-
-
-@dataclass(frozen=True)
-class SourceRecipe:
-    """How the source model is trained on the scenario's labelled source stream when the
-    backbone does not come with a classifier (see ``clbench.pretrain.source``)."""
-
-    data_id: str  # names the source data in the cache key
-    epochs: int
-    lr: float
-    seed: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "lr": self.lr, "seed": self.seed}
 
 
 @dataclass(frozen=True)
