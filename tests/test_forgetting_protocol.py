@@ -124,3 +124,16 @@ def test_impossible_split_is_one_line_and_exit_2(tmp_path, capsys):
     assert run_cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "n_requests" in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("scenario", "strategy", "theirs"),
+    [("split_digits", "gs_lora", "forgetting"), ("glyph_forget", "lora", "class_incremental")],
+)
+def test_a_strategy_of_another_kind_is_refused(tmp_path, capsys, scenario, strategy, theirs):
+    """An erasure strategy is a CLStrategy too: its kind, not only its base, decides."""
+    args = ["run", f"scenario={scenario}", f"strategy={strategy}", "backbone.pretrained=none",
+            "tracking=none", "progress=false", f"runs_dir={tmp_path}"]  # fmt: skip
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"it runs {theirs!r} scenarios" in err[0], err

@@ -36,7 +36,12 @@ def class_incremental_strategies() -> list[str]:
 
     from clbench.registry import STRATEGIES
 
-    return sorted(n for n in STRATEGIES.names() if issubclass(STRATEGIES.get(n), CLStrategy))
+    return sorted(
+        n
+        for n in STRATEGIES.names()
+        if issubclass(STRATEGIES.get(n), CLStrategy)
+        and STRATEGIES.get(n).kind == "class_incremental"
+    )
 
 
 #: (strategy, its extra overrides): every registered strategy, plus recipes with other state

@@ -130,9 +130,13 @@ class Protocol:
     record_fields: ClassVar[tuple[str, ...]] = ()
 
     def check_strategy(self, name: str, strategy_cls: type) -> None:
-        """One clear line if ``strategy_cls`` is not a learner of this kind."""
-        if not (isinstance(strategy_cls, type) and issubclass(strategy_cls, self.learner)):
-            theirs = getattr(strategy_cls, "kind", None)
+        """One clear line if ``strategy_cls`` is not a learner of this kind: it must subclass
+        the kind's learner base and declare this ``kind`` (a learner base of one kind may
+        derive from another's: an erasure strategy is a ``CLStrategy`` of kind
+        ``forgetting``)."""
+        theirs = getattr(strategy_cls, "kind", None)
+        subclass = isinstance(strategy_cls, type) and issubclass(strategy_cls, self.learner)
+        if not subclass or theirs not in (None, self.kind):
             runs = f"it runs {theirs!r} scenarios" if theirs else "it is no learner of this kind"
             raise ClbenchError(
                 f"strategy {name!r} does not support {self.kind!r} scenarios ({runs}); "
