@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from clbench.backbones.micro_vit import build_micro_vit
 from clbench.data import materialise
 from clbench.models import ClassifierModel
-from clbench.progress import ProgressPlugin
-from clbench.protocols.class_incremental import StepCounter
+from clbench.progress import ProgressPlugin, StepCounter
 from clbench.registry import SCENARIOS, STRATEGIES
 from clbench.seeding import derived_generator
 

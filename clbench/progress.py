@@ -1,12 +1,16 @@
-"""Console progress for training: experience, epoch and running loss."""
+"""Training-loop plugins every protocol shares: console progress (experience, epoch,
+running loss) and the step counter with its divergence guard."""
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
 from avalanche.training.plugins import SupervisedPlugin
 from tqdm import tqdm
+
+from clbench.errors import ClbenchError
 
 
 class ProgressPlugin(SupervisedPlugin):
@@ -53,3 +57,29 @@ class ProgressPlugin(SupervisedPlugin):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class StepCounter(SupervisedPlugin):
+    """Counts optimiser steps, notes the trainable parameters, guards against a diverging
+    loss; ``unit`` names a training experience in the error (an experience, a request)."""
+
+    def __init__(self, unit: str = "experience") -> None:
+        super().__init__()
+        self.unit = unit
+        self.count = 0
+        self.samples = 0
+        self.trainable = 0
+
+    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
+        self.trainable = max(self.trainable, strategy.num_trainable_parameters())
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        self.count += 1
+        self.samples += int(strategy.mb_y.shape[0])
+        loss = float(strategy.loss.detach())
+        if not math.isfinite(loss):
+            raise ClbenchError(
+                f"training loss became {loss} at {self.unit} "
+                f"{strategy.experience.current_experience + 1}, step {self.count}; "
+                "lower strategy.lr or check the data"
+            )

@@ -91,23 +91,24 @@ class ErasureStrategy(CLStrategy):
         self.forget_mask = torch.zeros(0, dtype=torch.bool)
 
     # ------------------------------------------------------------------ data
-    def split_experience(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The current experience's (x, y) of the retained and of the forgotten classes."""
+    def _split(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(x, y) of the retained and of the forgotten classes of the current request."""
         if self.request is None:
             raise RuntimeError("no erasure request set: the protocol sets strategy.request")
-        x, y = materialise(self.adapted_dataset)[:2]
         forget = torch.isin(y, torch.tensor(self.request.forget, dtype=y.dtype))
         return [x[~forget], y[~forget]], [x[forget], y[forget]]
+
+    def split_experience(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The current experience's (x, y) of the retained and of the forgotten classes."""
+        return self._split(*materialise(self.adapted_dataset)[:2])
 
     def split_indices(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """As :meth:`split_experience` without reading a sample (lazy experiences): the
         (indices into the experience's dataset, labels) of the retained and forgotten ones."""
-        if self.request is None:
-            raise RuntimeError("no erasure request set: the protocol sets strategy.request")
         y = torch.as_tensor(list(self.adapted_dataset.targets), dtype=torch.long)
-        idx = torch.arange(len(y))
-        forget = torch.isin(y, torch.tensor(self.request.forget, dtype=y.dtype))
-        return [idx[~forget], y[~forget]], [idx[forget], y[forget]]
+        return self._split(torch.arange(len(y)), y)
 
     def relabelled(self, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Each label moved to a uniformly drawn other class of the head (seeded).
@@ -233,6 +234,31 @@ class PairedBatches:
                 torch.zeros(len(mask), dtype=torch.long),
                 mask,
             ]
+
+
+class RelabelledBatches:
+    """One pass: the retained samples and the forget samples mixed and shuffled, the forget
+    samples under labels drawn anew at every pass (``relabel``; the official
+    CLDatasetWrapper draws a new label at every access of a sample)."""
+
+    def __init__(
+        self,
+        remain: list[torch.Tensor],
+        forget: list[torch.Tensor],
+        relabel: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        batch_size: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.remain, self.forget, self.relabel = remain, forget, relabel
+        self.batch_size, self.generator = batch_size, generator
+
+    def __len__(self) -> int:
+        return -(-(len(self.remain[0]) + len(self.forget[0])) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        (rx, ry), (fx, fy) = self.remain, self.forget
+        mixed = [torch.cat([fx, rx]), torch.cat([self.relabel(fy, self.generator), ry])]
+        yield from PairedBatches(mixed, None, self.batch_size, self.generator)
 
 
 class IndexedBatches:
@@ -421,31 +447,6 @@ def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ batch plans
-class RelabelledBatches:
-    """One pass: the retained samples and the forget samples mixed and shuffled, the forget
-    samples under labels drawn anew at every pass (``relabel``; the official
-    CLDatasetWrapper draws a new label at every access of a sample)."""
-
-    def __init__(
-        self,
-        remain: list[torch.Tensor],
-        forget: list[torch.Tensor],
-        relabel: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-        batch_size: int,
-        generator: torch.Generator,
-    ) -> None:
-        self.remain, self.forget, self.relabel = remain, forget, relabel
-        self.batch_size, self.generator = batch_size, generator
-
-    def __len__(self) -> int:
-        return -(-(len(self.remain[0]) + len(self.forget[0])) // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[torch.Tensor]]:
-        (rx, ry), (fx, fy) = self.remain, self.forget
-        mixed = [torch.cat([fx, rx]), torch.cat([self.relabel(fy, self.generator), ry])]
-        yield from PairedBatches(mixed, None, self.batch_size, self.generator)
-
-
 class ForgetLedBatches(PairedBatches):
     """The official LwF / DER loops: an epoch is one pass over the forget samples (labels
     drawn anew each pass); each forget batch is followed by ``n_remain`` batches of the

@@ -15,7 +15,7 @@ from clbench.backbones.clip import ClipBackbone
 from clbench.config import compose, validate
 from clbench.errors import ConfigError
 from clbench.models import ClipClassifier
-from clbench.protocols.class_incremental import StepCounter
+from clbench.progress import StepCounter
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
 from helpers import only_run_dir, results_of, run_cli
 

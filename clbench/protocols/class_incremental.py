@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from clbench import metrics, plots, statefile
 from clbench.config import to_container
 from clbench.errors import ClbenchError, ConfigError, first_line
-from clbench.progress import ProgressPlugin
+from clbench.progress import ProgressPlugin, StepCounter
 from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
 from clbench.record import RunRecord, write_text_atomic
 from clbench.scenarios.base import Scenario
@@ -222,30 +221,6 @@ class BackbonePasses:
         for h in self.handles:
             h.remove()
         self.handles = []
-
-
-class StepCounter(SupervisedPlugin):
-    """Counts optimiser steps, notes the trainable parameters, guards against a diverging loss."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.samples = 0
-        self.trainable = 0
-
-    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
-        self.trainable = max(self.trainable, strategy.num_trainable_parameters())
-
-    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        self.count += 1
-        self.samples += int(strategy.mb_y.shape[0])
-        loss = float(strategy.loss.detach())
-        if not math.isfinite(loss):
-            raise ClbenchError(
-                f"training loss became {loss} at experience "
-                f"{strategy.experience.current_experience + 1}, step {self.count}; "
-                "lower strategy.lr or check the data"
-            )
 
 
 HEADLINE = (

@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from avalanche.training.plugins import SupervisedPlugin
 from torch.utils.data import Dataset
 
 from clbench import plots
 from clbench.data import materialise, read_batches
 from clbench.errors import ClbenchError
-from clbench.progress import ProgressPlugin
+from clbench.progress import ProgressPlugin, StepCounter
 from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
 from clbench.record import RunRecord
 from clbench.scenarios.base import Scenario
@@ -260,7 +259,7 @@ def run_forgetting(
     result.class_accuracy.append(class_accuracy(strategy, x, y, c, batch))
     for t, experience in enumerate(scenario.train_stream):
         strategy.request = stream.requests[t]
-        steps = StepCount()
+        steps = StepCounter(unit="request")
         strategy.plugins.append(steps)
         t0 = time.perf_counter()
         strategy.train(experience, eval_streams=[])
@@ -272,28 +271,6 @@ def run_forgetting(
         if on_request is not None:
             on_request(t, request_values(result, stream.requests)[t])
     return result
-
-
-class StepCount(SupervisedPlugin):
-    """Counts optimiser steps and notes the trainable parameters; stops a diverging loss."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.trainable = 0
-
-    def before_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
-        self.trainable = max(self.trainable, strategy.num_trainable_parameters())
-
-    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-        self.count += 1
-        loss = float(strategy.loss.detach())
-        if not math.isfinite(loss):
-            raise ClbenchError(
-                f"training loss became {loss} at request "
-                f"{strategy.experience.current_experience + 1}, step {self.count}; "
-                "lower strategy.lr or check the data"
-            )
 
 
 HEADLINE = ("H", "acc_r", "acc_f", "acc_o", "drop_f", "acc_r_drop", "mean_H", "max_acc_o")
