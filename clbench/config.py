@@ -101,7 +101,10 @@ def typed(group: str, node: DictConfig) -> Any:
     component = REGISTRIES[group].get(node.name)
     schema = component.Config
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        # resolved where it sits, so an option may interpolate another group's value (an
+        # aggregator's in_dim is ${oc.select:scenario.feature_dim,1024})
+        data = OmegaConf.to_container(node, resolve=True)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(group, e, schema)) from None

@@ -88,3 +88,46 @@ def request_curves(series: dict[str, Sequence[float | None]], path: Path, title:
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def attention_maps(examples: Sequence[dict], path: Path, title: str) -> Path:
+    """Attention over each example bag's instance coordinates (one panel per bag): every
+    instance fills its patch cell at its level-0 (x, y), coloured by its attention min-max
+    scaled within the bag (grey: no instance); key instances (label 1) are marked red."""
+    n = len(examples)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + 0.4), dpi=100)
+    flat = np.atleast_1d(axes).ravel()
+    cmap = plt.get_cmap("magma").with_extremes(bad="#dddddd")
+    for ax, e in zip(flat, examples, strict=False):
+        xy = np.asarray(e["coords"], dtype=float)
+        a = np.asarray(e["attention"], dtype=float)
+        span = a.max() - a.min()
+        a = (a - a.min()) / span if span > 0 else np.ones_like(a)
+        step = _grid_step(xy)
+        cell = np.round((xy - xy.min(0)) / step).astype(int)
+        grid = np.full((cell[:, 1].max() + 1, cell[:, 0].max() + 1), np.nan)
+        grid[cell[:, 1], cell[:, 0]] = a
+        ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        labels = e.get("instance_labels")
+        if labels is not None:
+            key = np.asarray(labels, dtype=bool)
+            ax.scatter(cell[key, 0], cell[key, 1], c="red", marker="x", s=14, linewidths=1.0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{e.get('task', '')}: {e['bag']} (label {e['label']})", fontsize=7)
+    for ax in flat[n:]:
+        ax.axis("off")
+    fig.suptitle(f"attention (x: key instances) - {title}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def _grid_step(xy: np.ndarray) -> float:
+    """The smallest non-zero coordinate gap (the patch step), 1 if there is none."""
+    gaps = np.diff(np.unique(xy))
+    gaps = gaps[gaps > 0]
+    return float(gaps.min()) if len(gaps) else 1.0

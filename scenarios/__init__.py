@@ -14,4 +14,8 @@ BUILTINS: dict[str, str] = {
     "glyph_forget": "clbench.scenarios.forgetting:glyph_forget",
     "digits_forget": "clbench.scenarios.forgetting:digits_forget",
     "imagefolder_forget": "clbench.scenarios.imagefolder:imagefolder_forget",
+    "digit_bags": "clbench.scenarios.digit_bags:digit_bags",
+    "clam_bags": "clbench.scenarios.clam:clam_bags",
+    "tcga_conslide": "clbench.scenarios.clam:tcga_conslide",
+    "comel_organs": "clbench.scenarios.clam:comel_organs",
 }

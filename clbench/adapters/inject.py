@@ -10,6 +10,7 @@ on what a target name means and on the resulting module structure and parameter 
   in_proj`` once the attention is swapped, ``attn.out_proj``, ``mlp.c_fc``, ``mlp.c_proj``).
   ``proj``/``out_proj``, ``fc1``/``c_fc`` and ``fc2``/``c_proj`` are aliases; ``q``, ``k``,
   ``v`` are slices of the fused qkv projection (:func:`target_specs` gives the slice).
+  ``linear`` names every linear layer (any architecture, e.g. a MIL aggregator).
 - **Matching**: a qualified module name matches a suffix when it is the suffix or ends
   with ``"." + suffix`` (:func:`matches`); :func:`tower_filter` keeps one tower of a CLIP
   model (``"image"``: under ``.visual``, ``"text"``: the rest, ``"both"``/None: all).
@@ -59,7 +60,10 @@ OPEN_CLIP_TARGETS: dict[str, tuple[str, int | None]] = {
 ALIASES = {"proj": "out_proj", "out_proj": "proj", "fc1": "c_fc", "c_fc": "fc1"}
 ALIASES |= {"fc2": "c_proj", "c_proj": "fc2"}
 LAYOUTS = {"timm": TIMM_VIT_TARGETS, "open_clip": OPEN_CLIP_TARGETS}
-VALID_TARGETS = (*TIMM_VIT_TARGETS, "out_proj", "c_fc", "c_proj")
+#: every linear layer of the model (MIL aggregators: CoMEL's OWLoRA and the LoRA baselines
+#: of the MIL kind adapt all of them; the bag classifier, the head, lies outside the root)
+ALL_LINEAR = "linear"
+VALID_TARGETS = (*TIMM_VIT_TARGETS, "out_proj", "c_fc", "c_proj", ALL_LINEAR)
 #: targets living in the attention (an open_clip MHA must be swapped for them)
 ATTENTION_TARGETS = frozenset({"qkv", "q", "k", "v", "proj", "out_proj"})
 TOWERS = ("image", "text", "both")
@@ -75,6 +79,8 @@ def check_targets(targets: Iterable[str], what: str = "") -> None:
 
 def target_specs(target: str) -> list[tuple[str, int | None]]:
     """(suffix, qkv part) of ``target`` in every layout, aliases resolved."""
+    if target == ALL_LINEAR:
+        return [("", None)]  # the empty suffix matches every name (see :func:`matches`)
     specs = []
     for table in LAYOUTS.values():
         name = target if target in table else ALIASES.get(target, target)
@@ -89,8 +95,9 @@ def target_suffixes(targets: Iterable[str]) -> set[str]:
 
 
 def matches(name: str, suffix: str) -> bool:
-    """Whether the qualified module name ``name`` is ``suffix`` or ends with ``.suffix``."""
-    return name == suffix or name.endswith("." + suffix)
+    """Whether the qualified module name ``name`` is ``suffix`` or ends with ``.suffix``
+    (the empty suffix, target ``linear``, matches every name)."""
+    return not suffix or name == suffix or name.endswith("." + suffix)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -163,21 +170,20 @@ def replace_modules(
     """Replace every module :func:`find_modules` selects with ``factory(module)``.
 
     The selection is made before anything is replaced; a selected module inside one
-    already swapped is left alone (its parent's factory received it). ``factory`` may
-    return the module itself to keep it (e.g. a layer wrapped by an earlier call).
+    already handled (swapped or kept) is left alone (its parent's factory received it).
+    ``factory`` may return the module itself to keep it (e.g. a layer wrapped by an earlier
+    call).
     Returns ``{qualified name: new module}`` in ``named_modules`` order.
     """
     selected = find_modules(
         model, targets=targets, suffixes=suffixes, types=types, tower=tower, where=where
     )
     replaced: dict[str, nn.Module] = {}
-    swapped: list[str] = []
     for name, module in selected.items():
-        if any(name.startswith(done + ".") for done in swapped):
+        if any(name.startswith(done + ".") for done in replaced):
             continue
         new = factory(module)
         if new is not module:
             set_submodule(model, name, new)
-            swapped.append(name)
         replaced[name] = new
     return replaced

@@ -10,4 +10,7 @@ BUILTINS: dict[str, str] = {
     "clip_tiny": "clbench.backbones.clip:clip_tiny",
     "clip_vit_b16": "clbench.backbones.clip:clip_vit_b16",
     "wideresnet": "clbench.backbones.wideresnet:wideresnet",
+    "abmil": "clbench.backbones.mil:abmil",
+    "transmil": "clbench.backbones.mil:transmil",
+    "gdat": "clbench.backbones.mil:gdat",
 }

@@ -10,4 +10,5 @@ BUILTINS: dict[str, str] = {
     "class_incremental": "clbench.protocols.class_incremental:ClassIncremental",
     "test_time": "clbench.protocols.tta:TestTimeAdaptation",
     "forgetting": "clbench.protocols.forgetting:Forgetting",
+    "mil": "clbench.protocols.mil:MultipleInstance",
 }
