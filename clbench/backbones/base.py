@@ -38,6 +38,22 @@ def torch_load_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.split('. ')[0]}"
 
 
+def unwrap_state_dict(state: Any) -> dict[str, Any] | None:
+    """The ``{name: tensor}`` state dict inside a loaded checkpoint (``{"state_dict": ...}``
+    and ``{"model": ...}`` unwrapped, DataParallel's ``module.`` prefix dropped), or None
+    if it holds anything else."""
+    import torch
+
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        return None
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 @dataclass
 class Backbone:
     """A feature extractor: ``module(x)`` -> (N, feature_dim) pooled features."""

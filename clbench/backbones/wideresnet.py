@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.backbones.base import Backbone, torch_load_failure
+from clbench.backbones.base import Backbone, torch_load_failure, unwrap_state_dict
 from clbench.errors import ClbenchError
 
 
@@ -131,17 +131,13 @@ def load_robustbench_state(model: WideResNet, path: str | Path) -> None:
             f"cannot read WideResNet checkpoint {path}: {torch_load_failure(e)}; expected a state "
             "dict saved with torch.save"
         ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
+    weights = unwrap_state_dict(state)
+    if weights is None:
         raise ClbenchError(
             f"{path} is not a WideResNet state dict (it holds {_describe(state)}); expected a "
             "mapping of parameter names to tensors, or {'state_dict': ...} / {'model': ...}"
         )
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = weights
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
