@@ -1,4 +1,4 @@
-"""The ``clbench`` command: run, list, pretrain.
+"""The ``clbench`` command: run, list, pretrain, resume, sync, leaderboard, wsi.
 
 ``clbench run [OVERRIDES...]`` is a Hydra application (conf/config.yaml), so sweeps
 (``-m strategy=a,b seed=0,1``) and launchers work as in any Hydra app. Overrides are
@@ -31,6 +31,10 @@ commands:
                              upload run directories whose tracking failed (or was off)
   leaderboard publish [--tracking-uri URI]... [--experiment NAME] [--out DIR]
                              leaderboards/<scenario>.md/.json + index.html from tracked runs
+  wsi tile SLIDES... --out DIR [--patch-size 256 --step 256 --preset default|tcga ...]
+                             tissue patches of whole slides (CLAM's patches/<slide>.h5)
+  wsi features DIR --encoder stain|resnet50_trunc [--weights FILE --slides-dir DIR]
+                             patch features (CLAM's h5_files/ and pt_files/)
 
 options for run: -m/--multirun (sweep), --verbose (tracebacks), --cfg job (print config)
 examples:
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "resume": cmd_resume,
         "sync": cmd_sync,
         "leaderboard": cmd_leaderboard,
+        "wsi": cmd_wsi,
     }
     if cmd not in commands:
         print(
@@ -348,6 +353,140 @@ def cmd_leaderboard(args: list[str]) -> int:
     runs = [r for uri in ns.tracking_uri or [None] for r in read_runs(uri, ns.experiment)]
     for path in publish(runs, ns.out):
         print(path)
+    return 0
+
+
+WSI_USAGE = """usage: clbench wsi {tile,features} ...
+
+  tile SLIDES... --out DIR   segment tissue and write patch coordinates (CLAM layout)
+  features DIR --encoder E   encode the patches of DIR/patches/*.h5
+run `clbench wsi tile --help` or `clbench wsi features --help` for the options"""
+
+
+def cmd_wsi(args: list[str]) -> int:
+    """``clbench wsi tile`` / ``clbench wsi features`` (CLAM's create_patches_fp.py and
+    extract_features_fp.py; docs/wsi.md)."""
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(WSI_USAGE)
+        return 0
+    sub, rest = args[0], args[1:]
+    if sub == "tile":
+        return _wsi_tile(rest)
+    if sub == "features":
+        return _wsi_features(rest)
+    raise ClbenchError(f"unknown wsi command {sub!r}; valid commands: tile, features")
+
+
+def _wsi_tile(args: list[str]) -> int:
+    from clbench.wsi.tiling import PRESETS, TilingParams
+
+    p = _Parser(
+        prog="clbench wsi tile",
+        description="segment tissue and write level-0 patch coordinates: DIR/patches/<id>.h5, "
+        "DIR/masks/<id>.png, DIR/process_list_autogen.csv (CLAM's layout; resumable)",
+    )
+    p.add_argument("slides", nargs="+", type=Path, help="slide files or folders of slides")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels at --level")
+    p.add_argument("--step", type=int, default=None, help="grid step at --level (default: size)")
+    p.add_argument("--level", type=int, default=0, help="pyramid level patches are read at")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--seg-level", default="auto", help="auto (about 64x) or a level index")
+    p.add_argument("--sthresh", type=int, default=None, help="saturation threshold (0-255)")
+    p.add_argument("--use-otsu", action="store_true", default=None, help="Otsu's threshold")
+    p.add_argument("--mthresh", type=int, default=None, help="median blur kernel (odd)")
+    p.add_argument("--close", type=int, default=None, help="closing kernel (0: none)")
+    p.add_argument("--a-t", type=float, default=None, help="min tissue area, in 512^2 patches")
+    p.add_argument("--a-h", type=float, default=None, help="min hole area, in 512^2 patches")
+    p.add_argument("--max-holes", type=int, default=None, help="holes kept per contour")
+    p.add_argument("--workers", type=int, default=1, help="slides tiled in parallel")
+    p.add_argument("--force", action="store_true", help="redo slides already tiled")
+    ns = p.parse_args(args)
+    values = dict(PRESETS[ns.preset])
+    given = {
+        "sthresh": ns.sthresh,
+        "use_otsu": ns.use_otsu,
+        "mthresh": ns.mthresh,
+        "close": ns.close,
+        "a_t": ns.a_t,
+        "a_h": ns.a_h,
+        "max_n_holes": ns.max_holes,
+    }
+    values.update({k: v for k, v in given.items() if v is not None})
+    if ns.seg_level == "auto":
+        seg_level = None
+    elif ns.seg_level.isdigit():
+        seg_level = int(ns.seg_level)
+    else:
+        raise ClbenchError(
+            f"invalid value for --seg-level: {ns.seg_level!r}; expected auto or a level index"
+        )
+    if ns.workers < 1:
+        raise ClbenchError(f"invalid value for --workers: {ns.workers}; must be >= 1")
+    params = TilingParams(
+        patch_size=ns.patch_size,
+        step_size=ns.patch_size if ns.step is None else ns.step,
+        patch_level=ns.level,
+        seg_level=seg_level,
+        preset=ns.preset,
+        **values,
+    )
+    from clbench.wsi.slide import expand_slides
+    from clbench.wsi.tiling import tile_slides
+
+    slides = expand_slides(ns.slides)
+    with disk_errors():
+        results = tile_slides(slides, ns.out, params, workers=ns.workers, force=ns.force)
+    failed = [r for r in results if r.status.startswith("failed")]
+    done = sum(r.status == "processed" for r in results)
+    print(
+        f"tiled {done}, skipped {len(results) - done - len(failed)}, failed {len(failed)} "
+        f"slide(s) into {ns.out}",
+        file=sys.stderr,
+    )
+    return ClbenchError.exit_code if failed else 0
+
+
+def _wsi_features(args: list[str]) -> int:
+    p = _Parser(
+        prog="clbench wsi features",
+        description="encode the patches of DIR/patches/*.h5 into DIR/h5_files/<id>.h5 and "
+        "DIR/pt_files/<id>.pt (CLAM's layout; resumable)",
+    )
+    p.add_argument("dir", type=Path, help="the --out folder of clbench wsi tile")
+    p.add_argument("--encoder", default="stain", help="stain (offline) or resnet50_trunc")
+    p.add_argument("--slides-dir", type=Path, default=None, help="where the slides are now")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: DIR)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--weights", type=Path, default=None, help="local weights (.safetensors/.pt)")
+    p.add_argument("--target-patch-size", type=int, default=224, help="resize for CNN encoders")
+    p.add_argument("--force", action="store_true", help="redo slides already encoded")
+    ns = p.parse_args(args)
+    if not ns.dir.is_dir():
+        raise ClbenchError(f"no such folder: {ns.dir}")
+    if ns.target_patch_size < 1:
+        raise ClbenchError(
+            f"invalid value for --target-patch-size: {ns.target_patch_size}; must be >= 1"
+        )
+    from clbench.wsi.features import ENCODERS, extract_features
+
+    if ns.encoder not in ENCODERS:
+        from clbench.errors import unknown_choice
+
+        raise unknown_choice("encoder", ns.encoder, ENCODERS)
+    with disk_errors():
+        extract_features(
+            ns.dir,
+            ns.encoder,
+            slides_dir=ns.slides_dir,
+            out=ns.out,
+            batch_size=ns.batch_size,
+            device=ns.device,
+            weights=ns.weights,
+            target_patch_size=ns.target_patch_size,
+            force=ns.force,
+        )
     return 0
 
 
