@@ -166,7 +166,9 @@ def digit_bags(cfg: DigitBagsConfig) -> Scenario:
         train=tuple(train),
         test=tuple(test),
     )
-    return mil_scenario("digit_bags", stream, class_names, PIXELS)
+    # the setting is part of the name, so boards never mix the two
+    name = "digit_bags" if cfg.setting == "class_incremental" else "digit_bags_binary"
+    return mil_scenario(name, stream, class_names, PIXELS)
 
 
 digit_bags.Config = DigitBagsConfig  # type: ignore[attr-defined]

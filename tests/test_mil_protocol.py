@@ -100,6 +100,7 @@ def test_binary_setting_has_negative_bags_without_keys():
     scenario = digit_bags(DigitBagsConfig(setting="binary", n_tasks=3, train_bags_per_class=4,
                                           test_bags_per_class=2))  # fmt: skip
     assert scenario.classes_per_experience == [[0, 1]] * 3
+    assert scenario.name == "digit_bags_binary"  # its own board
     for bags in scenario.stream.train:
         for i in range(len(bags)):
             assert (int(bags.instance_labels(i).sum()) > 0) == (bags.targets[i] == 1)
