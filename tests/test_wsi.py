@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
+import logging
 import os
 import shutil
 import subprocess
@@ -356,6 +357,9 @@ def test_resnet50_trunc_without_weights_is_one_line(
 
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    # an earlier test in this worker may have left a logging handler on a stream pytest has
+    # closed since; the command's own output is what is checked here
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     path, _ = synthetic
     _tile([path], tmp_path, a_t=1, a_h=1, patch_size=512)
     capsys.readouterr()

@@ -58,6 +58,8 @@ class Aggregator(nn.Module):
             return x[0]
         if x.dim() != 2:
             raise ValueError(f"a bag is (N, D) instance features; got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("a bag needs at least one instance; got an empty bag")
         return x
 
 
