@@ -27,7 +27,17 @@ from clbench.errors import ConfigError
 
 #: the two continual MIL settings: one growing head over every task's bag classes
 #: (ConSlide), or the same classes in every task (normal vs tumour over organs: CoMEL)
-SETTINGS = ("class_incremental", "binary")
+NEW_CLASSES, BINARY = "new_classes", "binary"
+SETTINGS = (NEW_CLASSES, BINARY)
+
+
+def task_class_ids(setting: str, seen: int, k: int) -> tuple[int, ...]:
+    """The label ids of a task with ``k`` classes after ``seen`` classes of earlier tasks:
+    the next ``k`` ids (``new_classes``: one head grows over every task) or ``0..k-1``
+    (``binary``: every task has the same classes)."""
+    start = seen if setting == NEW_CLASSES else 0
+    return tuple(range(start, start + k))
+
 
 #: reads one bag's file: path -> (features (N, D) float32, coords (N, 2) or None)
 Reader = Callable[[str], tuple[torch.Tensor, torch.Tensor | None]]
@@ -86,7 +96,8 @@ class Bags(Dataset):
         return self._instance_labels[i]
 
     def coords(self, i: int) -> torch.Tensor | None:
-        return self.bag(i)[1] if isinstance(self.features[i], str) else self._coords[i]
+        """Bag ``i``'s coordinates (a file-backed bag's file is read: prefer :meth:`bag`)."""
+        return self.bag(i)[1]
 
     @property
     def has_instance_labels(self) -> bool:
@@ -101,7 +112,7 @@ class Bags(Dataset):
 class MILStream:
     """What the ``mil`` protocol needs beyond the benchmark.
 
-    ``setting``: ``class_incremental`` (task t brings its own bag classes, one head grows
+    ``setting``: ``new_classes`` (task t brings its own bag classes, one head grows
     over all of them) or ``binary`` (every task has the same classes, e.g. normal /
     tumour, over organs or cohorts: task/domain-incremental). ``task_classes[t]``: the
     labels of task t. ``train`` / ``test`` (and optional ``val``): each task's bags, the

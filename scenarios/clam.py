@@ -16,7 +16,7 @@ features plus a label CSV and a split file:
   slide ids, shorter columns padded with empty cells, an unnamed index column first.
 
 A task lists its classes in order; labels it names in ``ignore`` are left out (ConSlide
-drops the rarer subtypes so). In the ``class_incremental`` setting task t's classes get
+drops the rarer subtypes so). In the ``new_classes`` setting task t's classes get
 the next global ids in arrival order (task 0: 0, 1; task 1: 2, 3 ...), one head grows
 over all of them (ConSlide); in ``binary`` every task's two classes are 0 (normal /
 negative) and 1 (tumour / positive), the same head over every organ (CoMEL). Bags are
@@ -40,7 +40,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from clbench.scenarios.bags import SETTINGS, Bags, MILStream, mil_scenario
+from clbench.scenarios.bags import (
+    BINARY,
+    NEW_CLASSES,
+    SETTINGS,
+    Bags,
+    MILStream,
+    mil_scenario,
+    task_class_ids,
+)
 from clbench.scenarios.base import Scenario
 
 from clbench.checks import check_choice, check_positive
@@ -110,7 +118,7 @@ class ClamLayoutConfig:
                     f"invalid value for {key}.classes: {classes}; list the task's class names "
                     "once each, in order"
                 )
-            if self.mil_setting == "binary" and len(classes) != 2:
+            if self.mil_setting == BINARY and len(classes) != 2:
                 raise ConfigError(
                     f"invalid value for {key}.classes: {classes}; the binary setting needs "
                     "two classes: [negative, positive] (e.g. [normal, tumor])"
@@ -123,7 +131,7 @@ class ClamLayoutConfig:
 @dataclass
 class ClamBagsConfig(ClamLayoutConfig):
     name: str = "clam_bags"
-    setting: str = "class_incremental"  # class_incremental | binary
+    setting: str = "new_classes"  # new_classes | binary
 
     @property
     def mil_setting(self) -> str:
@@ -161,7 +169,7 @@ class TcgaConslideConfig(ClamLayoutConfig):
 
     @property
     def mil_setting(self) -> str:
-        return "class_incremental"
+        return NEW_CLASSES
 
     def __post_init__(self) -> None:
         _require_root(self.root, "tcga_conslide", "TCGA-ESCA")
@@ -183,7 +191,7 @@ class ComelOrgansConfig(ClamLayoutConfig):
 
     @property
     def mil_setting(self) -> str:
-        return "binary"
+        return BINARY
 
     def __post_init__(self) -> None:
         _require_root(self.root, "comel_organs", "cm16/mixed")
@@ -407,7 +415,7 @@ def _task_bags(task: ClamTask, root: Path, offset: int, cfg: ClamLayoutConfig) -
 def _class_names(cfg: ClamLayoutConfig, setting: str) -> list[str]:
     """The head's class names: every task's in order (``task:class`` where two tasks share
     a name), or the binary pair (the tasks' own names if they all agree)."""
-    if setting == "binary":
+    if setting == BINARY:
         pairs = {tuple(t.classes) for t in cfg.tasks}
         return list(pairs.pop()) if len(pairs) == 1 else ["negative", "positive"]
     flat = [c for t in cfg.tasks for c in t.classes]
@@ -421,11 +429,10 @@ def clam_scenario(name: str, cfg: ClamLayoutConfig, setting: str) -> Scenario:
         raise ConfigError(f"scenario root not found: {root}; set scenario.root=DIR")
     per_task, task_classes, offset = [], [], 0
     for task in cfg.tasks:
-        k = len(task.classes)
-        base = offset if setting == "class_incremental" else 0
-        per_task.append(_task_bags(task, root, base, cfg))
-        task_classes.append(tuple(range(base, base + k)))
-        offset += k
+        classes = task_class_ids(setting, offset, len(task.classes))
+        per_task.append(_task_bags(task, root, classes[0], cfg))
+        task_classes.append(classes)
+        offset += len(classes)
     stream = MILStream(
         setting=setting,
         task_names=tuple(t.name for t in cfg.tasks),

@@ -9,7 +9,7 @@ are its instance labels (like tumour patches in a slide). The digits are split b
 seeded permutation (`digit_order_seed`): the first ones are keys, the last
 `n_fillers` are fillers.
 
-- ``class_incremental`` (ConSlide's shape: 4 tasks x 2 classes): class c's bags contain
+- ``new_classes`` (ConSlide's shape: 4 tasks x 2 classes): class c's bags contain
   key digit ``keys[c]``; task t brings classes 2t and 2t+1, so within a task a bag is
   told apart by which key digit it holds, and one growing head covers every task.
 - ``binary`` (CoMEL's shape: negative / positive over a sequence of "organs"): in task t
@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from clbench.scenarios.bags import SETTINGS, Bags, MILStream, mil_scenario
+from clbench.scenarios.bags import (
+    NEW_CLASSES,
+    SETTINGS,
+    Bags,
+    MILStream,
+    mil_scenario,
+    task_class_ids,
+)
 from clbench.scenarios.base import Scenario
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -42,7 +49,7 @@ CELL = 8  # px per instance on the bag's grid
 @dataclass
 class DigitBagsConfig:
     name: str = "digit_bags"
-    setting: str = "class_incremental"  # class_incremental (tasks x 2 classes) | binary
+    setting: str = "new_classes"  # new_classes (tasks x 2 classes) | binary
     n_tasks: int = 4
     n_fillers: int = 2  # digits that are never keys (the "background" instances)
     feature_dim: int = PIXELS  # fixed: the 8x8 scans' grey values
@@ -66,7 +73,7 @@ class DigitBagsConfig:
                 f"invalid value for scenario.feature_dim: {self.feature_dim}; digit_bags' "
                 f"instances are 8x8 scans: {PIXELS}"
             )
-        keys = 2 * self.n_tasks if self.setting == "class_incremental" else self.n_tasks
+        keys = 2 * self.n_tasks if self.setting == NEW_CLASSES else self.n_tasks
         if keys + self.n_fillers > 10:
             raise ConfigError(
                 f"scenario.n_tasks={self.n_tasks} needs {keys} key digits besides "
@@ -139,12 +146,12 @@ def digit_bags(cfg: DigitBagsConfig) -> Scenario:
     }
     train, test, task_classes, task_names = [], [], [], []
     for t in range(cfg.n_tasks):
-        if cfg.setting == "class_incremental":
-            classes = (2 * t, 2 * t + 1)
+        classes = task_class_ids(cfg.setting, 2 * t, 2)
+        if cfg.setting == NEW_CLASSES:
             bag_keys: tuple[int | None, ...] = (keys[2 * t], keys[2 * t + 1])
             task_names.append(f"{keys[2 * t]} vs {keys[2 * t + 1]}")
         else:
-            classes, bag_keys = (0, 1), (None, keys[t])
+            bag_keys = (None, keys[t])
             task_names.append(f"contains {keys[t]}")
         for split, per_class, out in (
             ("train", cfg.train_bags_per_class, train),
@@ -155,7 +162,7 @@ def digit_bags(cfg: DigitBagsConfig) -> Scenario:
             ]
             out.append(make_bags(pools[split], fillers, kinds, cfg, rng, f"t{t}_{split}_"))
         task_classes.append(classes)
-    if cfg.setting == "class_incremental":
+    if cfg.setting == NEW_CLASSES:
         class_names = [f"has {keys[c]}" for c in range(2 * cfg.n_tasks)]
     else:
         class_names = ["negative", "positive"]
@@ -167,7 +174,7 @@ def digit_bags(cfg: DigitBagsConfig) -> Scenario:
         test=tuple(test),
     )
     # the setting is part of the name, so boards never mix the two
-    name = "digit_bags" if cfg.setting == "class_incremental" else "digit_bags_binary"
+    name = "digit_bags" if cfg.setting == NEW_CLASSES else "digit_bags_binary"
     return mil_scenario(name, stream, class_names, PIXELS)
 
 

@@ -133,7 +133,7 @@ RCC = {"r1": "PRCC", "r2": "CCRCC", "r3": "CHRCC", "r4": "PRCC", "r5": "CCRCC", 
 RCC_SPLIT = {"train": ["r1", "r2", "r3", "r4"], "val": [], "test": ["r5", "r6"]}
 
 
-@pytest.mark.parametrize("setting", ["class_incremental", "binary"])
+@pytest.mark.parametrize("setting", ["new_classes", "binary"])
 def test_clam_bags_reads_the_layout(tmp_path, setting):
     root = tmp_path / "data"
     w_n = _write_task(root / "nsclc", NSCLC, {0: NSCLC_SPLIT}, also_pt=("n1",), seed=1)
@@ -153,7 +153,7 @@ def test_clam_bags_reads_the_layout(tmp_path, setting):
     stream = sc.stream
     assert sc.kind == "mil" and sc.num_experiences == 2 and sc.name == "clam_bags_NSCLC-RCC"
     assert stream.setting == setting and stream.task_names == ("NSCLC", "RCC")
-    ci = setting == "class_incremental"
+    ci = setting == "new_classes"
     assert stream.task_classes == (((0, 1), (2, 3)) if ci else ((0, 1), (0, 1)))
     assert sc.classes_per_experience == ([[0, 1], [2, 3]] if ci else [[0, 1], [0, 1]])
     assert sc.class_names == (["LUAD", "LUSC", "CCRCC", "PRCC"] if ci else ["negative", "positive"])
@@ -213,7 +213,7 @@ def test_tcga_conslide_order_ids_and_fold(tmp_path):
         "tcga_conslide", f"scenario.root={tmp_path}", "scenario.fold=1", f"scenario.feature_dim={D}"
     )
     s = sc.stream
-    assert s.task_names == ("ESCA", "RCC", "BRCA", "NSCLC") and s.setting == "class_incremental"
+    assert s.task_names == ("ESCA", "RCC", "BRCA", "NSCLC") and s.setting == "new_classes"
     assert sc.classes_per_experience == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert sc.class_names == [c for classes, _ in TCGA.values() for c in classes]
     for labels, split, t in expected:

@@ -384,8 +384,8 @@ def test_instance_probabilities_are_the_official_min_max_attention():
 
 
 # ------------------------------------------------------------------ class-incremental head
-def test_class_incremental_keeps_earlier_tasks_head_rows():
-    scenario = _scenario("class_incremental", 2)
+def test_new_classes_keeps_earlier_tasks_head_rows():
+    scenario = _scenario("new_classes", 2)
     strategy = _strategy(n_experiences=2, epochs=1)
     experiences = list(scenario.benchmark.train_stream)
     strategy.train(experiences[0])

@@ -205,7 +205,7 @@ def test_two_tasks_train_end_to_end():
     classes = ((0, 1), (2, 3))
     train = tuple(_bags(c, 6, g) for c in classes)
     test = tuple(_bags(c, 2, g) for c in classes)
-    stream = MILStream("class_incremental", ("a", "b"), classes, train, test)
+    stream = MILStream("new_classes", ("a", "b"), classes, train, test)
     scenario = mil_scenario("tiny", stream, [f"c{i}" for i in range(4)], D)
     strategy = _strategy(epochs=2, region_size=512, pseudo_bag_min=3, pseudo_bag_max=6)
     log = LossLog()

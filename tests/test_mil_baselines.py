@@ -54,7 +54,7 @@ def _bags(task: int, n: int, g: torch.Generator) -> Bags:
 def scenario() -> Any:
     g = torch.Generator().manual_seed(0)
     stream = MILStream(
-        setting="class_incremental",
+        setting="new_classes",
         task_names=tuple(f"t{t}" for t in range(TASKS)),
         task_classes=tuple((2 * t, 2 * t + 1) for t in range(TASKS)),
         train=tuple(_bags(t, TRAIN_BAGS, g) for t in range(TASKS)),

@@ -110,7 +110,7 @@ def test_a_mil_run_is_recorded_with_its_matrices_and_plots(tmp_path):
     assert run_cli(["run", *QUICK, "tracking=none", f"runs_dir={tmp_path}"]) == 0
     run = only_run_dir(tmp_path)
     r = results_of(run)
-    assert r["kind"] == "mil" and r["setting"] == "class_incremental"
+    assert r["kind"] == "mil" and r["setting"] == "new_classes"
     assert len(r["task_names"]) == 4 and r["task_classes"][1] == [2, 3]
     acc = r["matrices"]["accuracy"]
     assert len(acc) == 4 and all(len(row) == 4 for row in acc)

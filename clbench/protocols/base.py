@@ -65,6 +65,12 @@ class Column:
         return FORMATS[self.format](value)
 
 
+#: cost columns every kind's board shows alike
+TRAINABLE_PARAMS = Column("trainable_params", "trainable params", "efficiency", "max", "count")
+INFERENCE_PARAMS = Column("inference_params", "inference params", "efficiency", "max", "count")
+TRAIN_SECONDS = Column("train_seconds", "train s", "efficiency", "mean", "number")
+
+
 @dataclass(frozen=True)
 class BoardSpec:
     """How a kind's boards rank and draw: the leaderboard knows nothing else of a kind.

@@ -26,7 +26,16 @@ from clbench import metrics, plots, statefile
 from clbench.config import to_container
 from clbench.errors import ClbenchError, ConfigError, first_line
 from clbench.progress import ProgressPlugin, StepCounter
-from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
+from clbench.protocols.base import (
+    INFERENCE_PARAMS,
+    TRAINABLE_PARAMS,
+    BoardSpec,
+    Column,
+    Protocol,
+    RecordPart,
+    RunContext,
+    metric_lines,
+)
 from clbench.record import RunRecord, write_text_atomic
 from clbench.scenarios.base import Scenario
 from clbench.seeding import rng_state, set_rng_state
@@ -267,13 +276,13 @@ class ClassIncremental(Protocol):
             Column("task_aware/final_accuracy", "TA final acc"),
         ),
         costs=(
-            Column("trainable_params", "trainable params", "efficiency", "max", "count"),
+            TRAINABLE_PARAMS,
             Column("seconds_per_step", "s/step", "efficiency", "mean", "ms"),
             Column("passes_per_prediction", "passes/pred", "efficiency"),
         ),
         details=(
             Column("task_aware/forgetting", f"TA {FORGETTING_LABEL}"),
-            Column("inference_params", "inference params", "efficiency", "max", "count"),
+            INFERENCE_PARAMS,
             Column("passes_per_train_sample", "passes/train sample", "efficiency"),
             Column("peak_rss_mb", "peak RSS MB", "efficiency", "max", "rate"),
         ),

@@ -35,7 +35,17 @@ from clbench import plots
 from clbench.data import materialise, read_batches
 from clbench.errors import ClbenchError
 from clbench.progress import ProgressPlugin, StepCounter
-from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
+from clbench.protocols.base import (
+    INFERENCE_PARAMS,
+    TRAIN_SECONDS,
+    TRAINABLE_PARAMS,
+    BoardSpec,
+    Column,
+    Protocol,
+    RecordPart,
+    RunContext,
+    metric_lines,
+)
 from clbench.record import RunRecord
 from clbench.scenarios.base import Scenario
 from clbench.seeding import seed_everything
@@ -299,9 +309,9 @@ class Forgetting(Protocol):
             Column("mean_H", "mean H"),
         ),
         costs=(
-            Column("trainable_params", "trainable params", "efficiency", "max", "count"),
-            Column("train_seconds", "train s", "efficiency", "mean", "number"),
-            Column("inference_params", "inference params", "efficiency", "max", "count"),
+            TRAINABLE_PARAMS,
+            TRAIN_SECONDS,
+            INFERENCE_PARAMS,
         ),
         details=(
             Column("acc_r_drop", "Acc_r drop vs original"),

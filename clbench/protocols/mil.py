@@ -36,7 +36,16 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from clbench import metrics, plots
 from clbench.errors import ClbenchError
 from clbench.progress import ProgressPlugin, StepCounter
-from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
+from clbench.protocols.base import (
+    TRAIN_SECONDS,
+    TRAINABLE_PARAMS,
+    BoardSpec,
+    Column,
+    Protocol,
+    RecordPart,
+    RunContext,
+    metric_lines,
+)
 from clbench.record import RunRecord
 from clbench.scenarios.bags import Bags, MILStream
 from clbench.seeding import seed_everything
@@ -160,7 +169,7 @@ def evaluate_task(
     that have coordinates (for the heatmaps)."""
     logits, attentions, inst, examples = [], [], [], []
     for i in range(len(bags)):
-        x, _ = bags[i]
+        x, coords = bags.bag(i)  # one read of a file-backed bag: features and coordinates
         z, a = strategy.bag_outputs(x)
         if not bool(torch.isfinite(z).all()):
             raise ClbenchError(
@@ -169,7 +178,6 @@ def evaluate_task(
         logits.append(z)
         attentions.append(a)
         inst.append(bags.instance_labels(i))
-        coords = bags.coords(i)
         if len(examples) < keep and a is not None and coords is not None:
             lab = bags.instance_labels(i)
             examples.append(
@@ -280,8 +288,8 @@ class MultipleInstance(Protocol):
             Column("final_instance_auc", "instance AUC"),
         ),
         costs=(
-            Column("trainable_params", "trainable params", "efficiency", "max", "count"),
-            Column("train_seconds", "train s", "efficiency", "mean", "number"),
+            TRAINABLE_PARAMS,
+            TRAIN_SECONDS,
             Column("seconds_per_bag", "s/bag", "efficiency", "mean", "ms"),
             Column("peak_rss_mb", "peak MB", "efficiency", "max", "rate"),
         ),

@@ -28,7 +28,15 @@ from clbench.adapters.tta import SavedTensorMeter, state_bytes
 from clbench.data import materialise
 from clbench.errors import ClbenchError
 from clbench.pretrain.source import SourceRecipe
-from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart, RunContext, metric_lines
+from clbench.protocols.base import (
+    TRAINABLE_PARAMS,
+    BoardSpec,
+    Column,
+    Protocol,
+    RecordPart,
+    RunContext,
+    metric_lines,
+)
 from clbench.record import RunRecord
 from clbench.scenarios.base import Scenario
 from clbench.seeding import seed_everything
@@ -214,7 +222,7 @@ class TestTimeAdaptation(Protocol):
         higher_is_better=False,
         secondary=(Column("clean_accuracy_after", "clean acc after"),),
         costs=(
-            Column("trainable_params", "trainable params", "efficiency", "max", "count"),
+            TRAINABLE_PARAMS,
             Column("images_per_second", "images/s", "efficiency", "mean", "rate"),
             Column("adapt_memory_mb", "adapt memory MiB", "efficiency"),
         ),
