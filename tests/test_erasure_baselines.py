@@ -36,7 +36,16 @@ from torch import nn
 from clbench.models import ClassifierModel
 from helpers import only_run_dir, results_of, run_cli
 
-BASELINES = ["finetune_retain", "retrain", "l2", "ewc", "mas", "lwf", "derpp", "scrub"]
+BASELINES = [
+    "finetune_retain",
+    "retrain",
+    "forget_l2",
+    "forget_ewc",
+    "forget_mas",
+    "forget_lwf",
+    "forget_derpp",
+    "scrub",
+]
 #: one erasure request of a small glyph_forget, one epoch
 ONE_REQUEST = [
     "scenario=glyph_forget",
