@@ -77,6 +77,11 @@ class Learner:
         Default: every parameter of ``self.model``."""
         return sum(p.numel() for p in self.model.parameters())
 
+    def sparsity_report(self) -> dict[str, Any] | None:
+        """For a sparse method, the density its masks reached, counted
+        (:meth:`clbench.adapters.sparse.MaskSet.report`); None (default): a dense model."""
+        return None
+
     # ------------------------------------------------------------- optimizer
     def adam_betas(self) -> tuple[float, float] | None:
         """Adam / AdamW betas; None (default): :func:`make_optimizer`'s from the config."""

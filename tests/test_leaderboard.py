@@ -143,7 +143,8 @@ def _comparable(board: dict) -> list[dict]:
     out = []
     for e in board["entries"]:
         e = {k: v for k, v in e.items() if k != "provenance"}
-        e["cost"] = {k: v for k, v in e["cost"].items() if k != "seconds_per_step"}
+        timings = ("seconds_per_step", "train_seconds")
+        e["cost"] = {k: v for k, v in e["cost"].items() if k not in timings}
         out.append(e)
     return out
 

@@ -4,7 +4,9 @@ evaluate on every test experience.
 After each training experience the strategy is evaluated on the whole test stream
 (seen and unseen experiences) through Avalanche's eval loop; a plugin records the
 logits so that task-agnostic and task-aware accuracy come from one forward pass. The
-run checkpoints after every experience, so a killed run resumes. Metric definitions
+run checkpoints after every experience, so a killed run resumes. The training FLOPs
+(:mod:`clbench.flops`, counted during ``train`` only) and the density of a sparse
+strategy's masks are recorded beside the dense equivalent. Metric definitions
 and the toolbox conventions they match: docs/protocols.md ("Class-incremental").
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -25,9 +28,11 @@ from avalanche.training.plugins import SupervisedPlugin
 from clbench import metrics, plots, statefile
 from clbench.config import to_container
 from clbench.errors import ClbenchError, ConfigError, first_line
+from clbench.flops import TrainingFlops
 from clbench.progress import ProgressPlugin, StepCounter
 from clbench.protocols.base import (
     INFERENCE_PARAMS,
+    TRAIN_SECONDS,
     TRAINABLE_PARAMS,
     BoardSpec,
     Column,
@@ -108,8 +113,34 @@ class ClassIncrementalResult:
     #: and per prediction made; NaN when the backbone has no recognised stem
     passes_per_train_sample: float = NAN
     passes_per_prediction: float = NAN
+    #: training FLOPs per experience, counted (:mod:`clbench.flops`: linear and convolution
+    #: layers, forward and backward, at the densities of the masks) and their dense equivalent
+    train_flops_per_experience: list[int] = field(default_factory=list)
+    train_flops_dense_per_experience: list[int] = field(default_factory=list)
+    #: the same summed over the run, per layer name
+    train_flops_per_layer: dict[str, int] = field(default_factory=dict)
+    train_flops_dense_per_layer: dict[str, int] = field(default_factory=dict)
+    #: the density the model's masks reached after the latest experience
+    #: (``Learner.sparsity_report()``: overall, nonzero, total, layers); None: a dense model
+    sparsity: dict[str, Any] | None = None
     #: experiences finished before this run resumed from a checkpoint (None: not resumed)
     resumed_after: int | None = None
+
+    @property
+    def flops_counted(self) -> bool:
+        """Whether every finished experience's FLOPs were counted (a checkpoint written
+        before clbench counted them has none for the experiences it holds)."""
+        return len(self.train_flops_per_experience) == len(self.accuracy_matrix)
+
+    @property
+    def train_flops(self) -> float:
+        """Training FLOPs of the run (NaN if not every experience was counted)."""
+        return float(sum(self.train_flops_per_experience)) if self.flops_counted else NAN
+
+    @property
+    def train_flops_dense(self) -> float:
+        """The dense equivalent of :attr:`train_flops` (NaN if not counted)."""
+        return float(sum(self.train_flops_dense_per_experience)) if self.flops_counted else NAN
 
     def metrics(self) -> dict[str, float]:
         out = metrics.class_incremental_summary(
@@ -177,8 +208,16 @@ def run_class_incremental(
             strategy.plugins.append(steps)
             t0 = time.perf_counter()
             before = passes.count
-            strategy.train(experience, eval_streams=[])
+            # attached around the training only (not the evaluation); the layers are looked
+            # up at each forward, so a head grown or a mask injected in train() is counted
+            flops = TrainingFlops(strategy.model)
+            try:
+                strategy.train(experience, eval_streams=[])
+            finally:
+                flops.close()
             res.train_seconds.append(time.perf_counter() - t0)
+            add_flops(res, flops)
+            res.sparsity = strategy.sparsity_report()
             train_passes += passes.count - before
             train_samples += steps.samples
             strategy.plugins.remove(steps)
@@ -206,6 +245,17 @@ def run_class_incremental(
         res.passes_per_train_sample = train_passes / max(train_samples, 1)
         res.passes_per_prediction = eval_passes / max(eval_samples, 1)
     return res
+
+
+def add_flops(res: ClassIncrementalResult, flops: TrainingFlops) -> None:
+    """Append one experience's counted training FLOPs to ``res``."""
+    res.train_flops_per_experience.append(round(flops.flops))
+    res.train_flops_dense_per_experience.append(round(flops.dense_flops))
+    for name, v in flops.layers.items():
+        res.train_flops_per_layer[name] = res.train_flops_per_layer.get(name, 0) + round(v)
+    for name, v in flops.dense_layers.items():
+        dense = res.train_flops_dense_per_layer
+        dense[name] = dense.get(name, 0) + round(v)
 
 
 class BackbonePasses:
@@ -258,6 +308,8 @@ class ClassIncremental(Protocol):
     kind = "class_incremental"
     learner = CLStrategy
     resumable = True
+    # required when a record is read; the FLOP and sparsity fields (train_flops_*, sparsity)
+    # are written too but not required, so records written before them stay readable
     record_fields = (
         "classes_per_experience",
         "test_sizes",
@@ -279,11 +331,16 @@ class ClassIncremental(Protocol):
             TRAINABLE_PARAMS,
             Column("seconds_per_step", "s/step", "efficiency", "mean", "ms"),
             Column("passes_per_prediction", "passes/pred", "efficiency"),
+            Column("density", "density", "efficiency"),
+            Column("train_gflops", "train GFLOPs", "efficiency"),
+            Column("flops_vs_dense", "FLOPs vs dense", "efficiency"),
+            TRAIN_SECONDS,
         ),
         details=(
             Column("task_aware/forgetting", f"TA {FORGETTING_LABEL}"),
             INFERENCE_PARAMS,
             Column("passes_per_train_sample", "passes/train sample", "efficiency"),
+            Column("train_gflops_dense", "dense-equivalent train GFLOPs", "efficiency"),
             Column("peak_rss_mb", "peak RSS MB", "efficiency", "max", "rate"),
         ),
         curve="accuracy_seen",
@@ -355,6 +412,8 @@ class ClassIncremental(Protocol):
                     "accuracy_seen": seen,
                     "accuracy_current": row[t],
                     "train_seconds": result.train_seconds[t],
+                    # not "train_gflops": in MLflow a step's value would hide the run's total
+                    "experience_train_gflops": flops_at(result, t),
                 }
             )
         fields: dict[str, Any] = {
@@ -367,6 +426,23 @@ class ClassIncremental(Protocol):
         }
         if result.resumed_after is not None:
             fields["resumed_after_experience"] = result.resumed_after
+        fields.update(
+            {
+                "train_flops_per_experience": result.train_flops_per_experience,
+                "train_flops_dense_per_experience": result.train_flops_dense_per_experience,
+                "train_flops_per_layer": result.train_flops_per_layer,
+                "train_flops_dense_per_layer": result.train_flops_dense_per_layer,
+                "sparsity": result.sparsity,
+            }
+        )
+        dense = result.train_flops_dense
+        efficiency: dict[str, float | int | None] = {
+            "train_gflops": result.train_flops / 1e9,
+            "train_gflops_dense": dense / 1e9,
+            "flops_vs_dense": result.train_flops / dense if dense > 0 else NAN,
+        }
+        if result.sparsity is not None:
+            efficiency["density"] = float(result.sparsity["overall"])
         return RecordPart(
             metrics=result.metrics(),
             steps=per_step,
@@ -379,6 +455,7 @@ class ClassIncremental(Protocol):
                 "passes_per_prediction": result.passes_per_prediction,
                 "train_seconds": train_total,
                 "eval_seconds": sum(result.eval_seconds),
+                **efficiency,
             },
             fields=fields,
         )
@@ -402,12 +479,24 @@ class ClassIncremental(Protocol):
         e = record.efficiency
         lines.append(f"{'trainable params':>30}: {e['trainable_params']}")
         lines.append(f"{'train seconds':>30}: {e['train_seconds']:.1f}")
+        gflops, ratio = e.get("train_gflops"), e.get("flops_vs_dense")
+        if isinstance(gflops, float) and math.isfinite(gflops):
+            lines.append(f"{'train GFLOPs':>30}: {gflops:.3f} ({ratio:.3f} of dense)")
+        if e.get("density") is not None:
+            lines.append(f"{'density':>30}: {e['density']:.4f}")
         return "\n".join(lines)
 
     def finished(self, run_dir: Path) -> None:
         # finished: the record is the result
         for name in (CHECKPOINT, CHECKPOINT_INFO, LEGACY_CHECKPOINT):
             (run_dir / name).unlink(missing_ok=True)
+
+
+def flops_at(result: ClassIncrementalResult, t: int) -> float:
+    """Training GFLOPs of experience ``t`` (NaN if not counted)."""
+    if not result.flops_counted:
+        return NAN
+    return result.train_flops_per_experience[t] / 1e9
 
 
 def check_loss_mask(
