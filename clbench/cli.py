@@ -29,8 +29,11 @@ commands:
   resume RUN_DIR             continue a killed run from its last finished experience
   sync RUN_DIR... [--tracking-uri URI] [--experiment NAME] [--force]
                              upload run directories whose tracking failed (or was off)
-  leaderboard publish [--tracking-uri URI]... [--experiment NAME] [--out DIR]
+  leaderboard publish [--tracking-uri URI]... [--experiment NAME] [--out DIR] [--merge]
                              leaderboards/<scenario>.md/.json + index.html from tracked runs
+                             (--merge: keep a board's entries that have no new run)
+  leaderboard render [--out DIR]
+                             write DIR/*.md and index.html again from DIR/*.json
   wsi tile SLIDES... --out DIR [--patch-size 256 --step 256 --preset default|tcga ...]
                              tissue patches of whole slides (CLAM's patches/<slide>.h5)
   wsi features DIR --encoder stain|resnet50_trunc [--weights FILE --slides-dir DIR]
@@ -333,25 +336,80 @@ def cmd_sync(args: list[str]) -> int:
     return ClbenchError.exit_code if failed else 0  # each failure was one line
 
 
+LEADERBOARD_EPILOG = """actions:
+  publish  build boards from the finished runs of MLflow stores and write DIR/<scenario>.json,
+           DIR/<scenario>.md and DIR/index.html (the index lists every board JSON in DIR)
+  render   write every DIR/*.md and DIR/index.html again from DIR/*.json (no store needed)
+
+examples:
+  clbench leaderboard publish --tracking-uri sqlite:///mlflow.db --out leaderboards
+  clbench leaderboard publish --tracking-uri sqlite:///new.db --merge   # add to old boards
+  clbench leaderboard render --out leaderboards"""
+
+
 def cmd_leaderboard(args: list[str]) -> int:
     from clbench.checks import check_tracking_uri
-    from clbench.leaderboard import publish, read_runs
+    from clbench.leaderboard import publish, read_runs, render
 
-    p = _Parser(prog="clbench leaderboard", description="publish leaderboards from tracked runs")
-    p.add_argument("action", choices=["publish"])
+    p = _Parser(
+        prog="clbench leaderboard",
+        description="publish leaderboards from tracked runs, or render them again from JSON",
+        epilog=LEADERBOARD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("action", choices=["publish", "render"], help="see the actions below")
     p.add_argument(
         "--tracking-uri",
         action="append",
         default=None,
-        help="default: MLflow's (MLFLOW_TRACKING_URI); repeat to publish runs of several stores",
+        metavar="URI",
+        help="publish: default MLflow's (MLFLOW_TRACKING_URI); repeat to publish runs of "
+        "several stores",
     )
-    p.add_argument("--experiment", default="clbench")
-    p.add_argument("--out", type=Path, default=Path("leaderboards"))
+    p.add_argument(
+        "--experiment",
+        default=None,
+        metavar="NAME",
+        help="publish: the MLflow experiment (default: clbench)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("leaderboards"),
+        metavar="DIR",
+        help="the boards' folder (default: leaderboards)",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="publish: keep the entries of a board already in --out whose strategy and "
+        "backbone have no new run (their runs may come from a store that is gone); the "
+        "others are replaced, and all are ranked again",
+    )
     ns = p.parse_args(args)
-    for uri in ns.tracking_uri or []:
-        check_tracking_uri("--tracking-uri", uri)
-    runs = [r for uri in ns.tracking_uri or [None] for r in read_runs(uri, ns.experiment)]
-    for path in publish(runs, ns.out):
+    if ns.action == "render":
+        given = [
+            flag
+            for flag, value in (
+                ("--tracking-uri", ns.tracking_uri),
+                ("--experiment", ns.experiment),
+                ("--merge", ns.merge),
+            )
+            if value
+        ]
+        if given:
+            raise ClbenchError(
+                f"{', '.join(given)}: only for publish; render reads the board JSONs of --out "
+                "(clbench leaderboard render --out DIR)"
+            )
+        written = render(ns.out)
+    else:
+        for uri in ns.tracking_uri or []:
+            check_tracking_uri("--tracking-uri", uri)
+        experiment = ns.experiment or "clbench"
+        runs = [r for uri in ns.tracking_uri or [None] for r in read_runs(uri, experiment)]
+        written = publish(runs, ns.out, merge=ns.merge)
+    for path in written:
         print(path)
     return 0
 

@@ -1,4 +1,4 @@
-"""Leaderboards from tracked runs: ``clbench leaderboard publish``.
+"""Leaderboards from tracked runs: ``clbench leaderboard publish`` and ``render``.
 
 Reads every finished run of an MLflow experiment (its ``results.json`` artifact, the same
 record as the run directory's), groups the runs by scenario, strategy, backbone and the
@@ -9,8 +9,17 @@ ranks each scenario's groups by the scenario kind's primary metric, and writes
 - ``<out>/<scenario>.json``: the board as data, with provenance (run ids and names, git
   commits, clbench versions, hardware);
 - ``<out>/<scenario>.md``: the same as a Markdown table and a provenance list;
-- ``<out>/index.html``: every board with two inline SVG plots (the kind's per-step curve,
-  per strategy; the primary metric with error bars).
+- ``<out>/index.html``: every board of ``<out>`` (the ones just written and the others
+  already there) with two inline SVG plots (the kind's per-step curve, per strategy; the
+  primary metric with error bars).
+
+``publish(..., merge=True)`` (``--merge``) adds new runs to a board already in ``<out>``
+without its old runs: the old entries whose (strategy, backbone) has no new run are kept
+as they are (a board whose store is gone still grows), the rest is rebuilt, and all are
+ranked again (:func:`merge_board`). ``render`` (``clbench leaderboard render``) writes every
+``.md`` and the index again from the board JSONs alone, e.g. after the board format changed.
+Everything is read and checked before anything is written: an error leaves ``<out>`` as it
+was.
 
 Two groups of one strategy and backbone that differ in configuration are separate entries,
 each labelled with the values that tell it from the others (``lora (strategy.lr=0.01)``).
@@ -19,8 +28,9 @@ What a board ranks by, its columns and its curve come from the scenario kind's
 :class:`~clbench.protocols.base.BoardSpec` (its protocol's ``board``); this module
 knows no kind.
 
-The output is a pure function of the runs (sorted keys, fixed float formatting, no
-timestamps), so publishing the same runs twice gives byte-identical files. Every string
+The output is a pure function of the runs and the boards already in ``<out>`` (sorted keys,
+fixed float formatting, no timestamps), so publishing the same runs twice gives
+byte-identical files. Every string
 that comes from a run is escaped for HTML and for Markdown (line breaks and other control
 characters become spaces there); the JSON keeps it exactly. A run whose record is malformed
 is skipped with a one-line warning naming it: one bad run does not stop the others' boards.
@@ -28,6 +38,7 @@ is skipped with a one-line warning naming it: one bad run does not stop the othe
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import html
 import json
@@ -45,7 +56,7 @@ from typing import Any
 
 from clbench.errors import ClbenchError
 from clbench.protocols.base import BoardSpec, Column, protocol_for
-from clbench.record import RunRecord
+from clbench.record import RunRecord, write_text_atomic
 
 
 def board_spec(kind: str) -> BoardSpec:
@@ -294,16 +305,6 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
         kind = kinds[scenario]
         spec = specs[kind]
         primary, higher = spec.primary.key, spec.higher_is_better
-
-        def order(e: dict[str, Any], primary: str = primary, higher: bool = higher) -> tuple:
-            m = e["metrics"][primary]["mean"]
-            missing = m is None
-            value = 0.0 if missing else (-m if higher else m)
-            return (missing, value, e["strategy"], e["backbone"], e["config_label"])
-
-        ranked = sorted(entries, key=order)
-        for i, e in enumerate(ranked, 1):
-            e["rank"] = i
         boards[scenario] = {
             "scenario": scenario,
             "kind": kind,
@@ -311,9 +312,28 @@ def build_boards(runs: Iterable[TrackedRun]) -> dict[str, dict[str, Any]]:
             "primary_label": spec.primary.label,
             "higher_is_better": higher,
             "secondary_metrics": [c.key for c in spec.secondary],
-            "entries": ranked,
+            "entries": rank_entries(entries, primary, higher),
         }
     return boards
+
+
+def rank_entries(
+    entries: Iterable[dict[str, Any]], primary: str, higher_is_better: bool
+) -> list[dict[str, Any]]:
+    """``entries`` best first by the mean of ``primary`` (entries without one last; ties by
+    strategy, backbone, configuration label), each given its ``rank`` (1 is best). One rule
+    for fresh and merged boards, so a merged board ranks as a fresh one of its entries."""
+
+    def order(e: Mapping[str, Any]) -> tuple:
+        m = e["metrics"][primary]["mean"]
+        missing = m is None
+        value = 0.0 if missing else (-m if higher_is_better else m)
+        return (missing, value, e["strategy"], e["backbone"], e.get("config_label") or "")
+
+    ranked = sorted(entries, key=order)
+    for i, e in enumerate(ranked, 1):
+        e["rank"] = i
+    return ranked
 
 
 def _aggregate(column: Column, values: Sequence[Any]) -> float | None:
@@ -633,25 +653,174 @@ def safe_filename(scenario: str) -> str:
     return f"{name or '_'}-{digest}"
 
 
-def publish(runs: Iterable[TrackedRun], out: Path) -> list[Path]:
-    """Write every scenario's .json and .md and the index.html into ``out``."""
+# ------------------------------------------------------------- board folders
+#: what every board JSON holds at the top level, and in each entry (what rendering and
+#: merging read)
+BOARD_KEYS = (
+    "scenario",
+    "kind",
+    "primary_metric",
+    "primary_label",
+    "higher_is_better",
+    "secondary_metrics",
+    "entries",
+)
+ENTRY_KEYS = (
+    "strategy",
+    "backbone",
+    "rank",
+    "n",
+    "seeds",
+    "metrics",
+    "cost",
+    "curve",
+    "provenance",
+)
+
+
+def board_files(out: Path) -> list[Path]:
+    """The board JSONs of the leaderboard folder ``out``: every ``*.json`` in it but hidden
+    files, sorted by name."""
+    return sorted(p for p in out.glob("*.json") if not p.name.startswith("."))
+
+
+def read_board(path: Path) -> dict[str, Any]:
+    """The board in ``path``, checked to be one that renders and merges (one ClbenchError
+    line naming the file otherwise): a leaderboard folder holds boards only, each in the
+    file its scenario's name gives (:func:`safe_filename`), so no scenario shows twice."""
+
+    def bad(why: str) -> ClbenchError:
+        return ClbenchError(one_line(f"{path}: {why}"))
+
+    try:
+        board = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise bad("not a board JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"not a board JSON (invalid JSON: {e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise bad(f"cannot read it ({e.strerror or type(e).__name__})") from None
+    hint = "; every *.json of a leaderboard folder must be a board: move it elsewhere"
+    if not isinstance(board, dict):
+        raise bad(f"not a board JSON (a JSON object is expected){hint}")
+    missing = [k for k in BOARD_KEYS if k not in board]
+    if missing:
+        raise bad(f"not a board JSON (no {', '.join(map(repr, missing))}){hint}")
+    scenario, kind, entries = board["scenario"], board["kind"], board["entries"]
+    if not isinstance(scenario, str):
+        raise bad(f"'scenario' must be a string, got {scenario!r}")
+    if safe_filename(scenario) != path.stem:
+        raise bad(
+            f"holds the board of scenario {scenario!r}, whose file is "
+            f"{safe_filename(scenario)}.json: rename it (or remove the copy)"
+        )
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise bad("'entries' must be a list of JSON objects")
+    for i, e in enumerate(entries, 1):
+        missing = [k for k in ENTRY_KEYS if k not in e]
+        if missing:
+            raise bad(f"entry {i} has no {', '.join(map(repr, missing))}")
+        if not isinstance(e["strategy"], str) or not isinstance(e["backbone"], str):
+            raise bad(f"entry {i}: 'strategy' and 'backbone' must be strings")
+    from clbench.registry import PROTOCOLS
+
+    if not isinstance(kind, str) or kind not in PROTOCOLS.names():
+        raise bad(f"kind {kind!r} has no installed protocol; installed kinds: {PROTOCOLS.names()}")
+    try:  # what renders is a board; anything else is named here, not halfway through writing
+        render_markdown(board)
+        render_html({scenario: board})
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise bad(f"not a board clbench can render ({type(e).__name__}: {e})") from None
+    return board
+
+
+def merge_board(old: Mapping[str, Any], new: dict[str, Any], source: Path) -> dict[str, Any]:
+    """``new`` (a board built from runs) with the entries of ``old`` (the board read from
+    ``source``) whose (strategy, backbone) has no entry in ``new``, kept as they are (metrics,
+    costs, curve, provenance, configuration label), all ranked again by
+    :func:`rank_entries`. An entry of ``new`` replaces every old entry of its strategy and
+    backbone, whatever their configurations. A kept entry must be of ``new``'s kind and
+    primary metric (one ClbenchError line otherwise)."""
+    fresh = {(e["strategy"], e["backbone"]) for e in new["entries"]}
+    kept = [copy.deepcopy(e) for e in old["entries"] if (e["strategy"], e["backbone"]) not in fresh]
+    if kept:
+        first = f"{kept[0]['strategy']!r} on {kept[0]['backbone']!r}"
+        which = f"its {len(kept)} entries without new runs (e.g. {first})"
+        fix = "publish without --merge to replace the board, or with the old runs too"
+        if old["kind"] != new["kind"]:
+            raise ClbenchError(
+                one_line(
+                    f"{source}: cannot merge: {which} are of kind {old['kind']!r}, the new runs "
+                    f"of scenario {new['scenario']!r} of kind {new['kind']!r}; {fix}"
+                )
+            )
+        if old["primary_metric"] != new["primary_metric"]:
+            raise ClbenchError(
+                one_line(
+                    f"{source}: cannot merge: {which} are ranked by {old['primary_metric']!r}, "
+                    f"the new board by {new['primary_metric']!r}; {fix}"
+                )
+            )
+    entries = rank_entries([*kept, *new["entries"]], new["primary_metric"], new["higher_is_better"])
+    return {**new, "entries": entries}
+
+
+def _board_json(board: Mapping[str, Any]) -> str:
+    return json.dumps(board, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _write_all(texts: Mapping[Path, str]) -> list[Path]:
+    """Write each file atomically (readers never see half a file); the paths, in order."""
+    for path, text in texts.items():
+        write_text_atomic(path, text)
+    return list(texts)
+
+
+def publish(runs: Iterable[TrackedRun], out: Path, merge: bool = False) -> list[Path]:
+    """Write every scenario's .json and .md into ``out`` and the index.html of every board
+    in ``out``; with ``merge``, a board already there keeps its entries that have no new
+    run (:func:`merge_board`). Without ``merge`` a scenario's old board is replaced."""
     boards = build_boards(runs)
     if not boards:
         raise ClbenchError(
             "no clbench runs to publish (no finished run has a valid results.json; "
             "any skipped one is named in a warning above)"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    if out.exists() and not out.is_dir():
+        raise ClbenchError(one_line(f"{out} is not a folder; pass a folder for the boards (--out)"))
+    scenario_of = {safe_filename(s): s for s in boards}
+    others: dict[str, dict[str, Any]] = {}
+    for path in board_files(out) if out.is_dir() else []:
+        scenario = scenario_of.get(path.stem)
+        if scenario is not None and not merge:
+            continue  # replaced by the new board
+        board = read_board(path)
+        if scenario is None:
+            others[board["scenario"]] = board
+        else:
+            boards[scenario] = merge_board(board, boards[scenario], path)
+    texts: dict[Path, str] = {}
     for scenario, board in sorted(boards.items()):
         stem = safe_filename(scenario)  # with_suffix would cut a name at its last dot
-        js = out / f"{stem}.json"
-        text = json.dumps(board, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        js.write_text(text, encoding="utf-8")
-        md = out / f"{stem}.md"
-        md.write_text(render_markdown(board), encoding="utf-8")
-        written += [js, md]
-    index = out / "index.html"
-    index.write_text(render_html(boards), encoding="utf-8")
-    written.append(index)
-    return written
+        texts[out / f"{stem}.json"] = _board_json(board)
+        texts[out / f"{stem}.md"] = render_markdown(board)
+    texts[out / "index.html"] = render_html({**others, **boards})
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_all(texts)
+
+
+def render(out: Path) -> list[Path]:
+    """Write every board's .md and the index.html of the leaderboard folder ``out`` again
+    from its board JSONs (no store needed: e.g. after the board format changed)."""
+    if not out.is_dir():
+        raise ClbenchError(
+            one_line(f"no leaderboard folder {out}; pass the folder of the board JSONs (--out)")
+        )
+    boards = {path: read_board(path) for path in board_files(out)}
+    if not boards:
+        raise ClbenchError(
+            one_line(f"no board JSON in {out}; make boards with `clbench leaderboard publish`")
+        )
+    texts = {out / f"{path.stem}.md": render_markdown(b) for path, b in boards.items()}
+    texts[out / "index.html"] = render_html({b["scenario"]: b for b in boards.values()})
+    return _write_all(texts)
