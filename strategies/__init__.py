@@ -48,4 +48,9 @@ BUILTINS: dict[str, str] = {
     "mil_inflora": "clbench.strategies.mil_baselines:MILInfLoRA",
     "conslide": "clbench.strategies.conslide:ConSlide",
     "comel": "clbench.strategies.comel:CoMEL",
+    "er": "clbench.strategies.replay:ER",
+    "der": "clbench.strategies.replay:DER",
+    "derpp": "clbench.strategies.replay:DERpp",
+    "dst": "clbench.strategies.dst:DST",
+    "sparcl": "clbench.strategies.sparcl:SparCL",
 }
