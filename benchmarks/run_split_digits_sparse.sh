@@ -20,13 +20,15 @@ if [[ $chain == all || $chain == 1 ]]; then
   # SparCL and its dense counterpart (DER++ with SparCL's current-task loss)
   clbench run -m "${common[@]}" strategy=sparcl
   clbench run -m "${common[@]}" strategy=derpp strategy.loss_mask=current
-  # fine-tuning with dst's recipe (Adam 1e-3, 20 epochs, batch 64, MultiStep-free)
+  # dense fine-tuning with dst's recipe (Adam 1e-3, 20 epochs, batch 64, the task's logits;
+  # constant lr)
   clbench run -m "${common[@]}" strategy=finetune strategy.epochs=20 strategy.batch_size=64 \
     strategy.lr=1e-3 strategy.loss_mask=current
   clbench run -m "${common[@]}" strategy=dst strategy.test_mask=used strategy.best_epoch_tie=last \
     strategy.dense_params=per_task
+  clbench run -m "${common[@]}" strategy=er
 fi
 if [[ $chain == all || $chain == 2 ]]; then
   clbench run -m "${common[@]}" strategy=dst strategy.init=uniform,erk strategy.grow=random,gradient
-  clbench run -m "${common[@]}" strategy=derpp,der,er
+  clbench run -m "${common[@]}" strategy=derpp,der
 fi
