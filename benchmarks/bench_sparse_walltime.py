@@ -215,8 +215,8 @@ def conclusion(results: dict[int, list[Row]], loads: dict[int, float]) -> str:
             "masked training is "
             f"{as_dense(statistics.median(med))} by wall time and "
             f"{as_dense(statistics.median(cpus))} by CPU time, although its counted training FLOPs "
-            f"are {min(counted):.2f} to {max(counted):.2f} of dense (a MaskedLayer's weight "
-            "gradient is computed dense, so they do not fall to the density itself). The masked "
+            f"are {min(counted):.2f} to {max(counted):.2f} of dense (layers left dense keep "
+            "them above the density where there are any). The masked "
             f"forward of the Linear takes {span(masked_fwd)} the dense one; with a torch.sparse "
             f"weight it takes {sparse}."
         )

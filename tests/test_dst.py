@@ -356,3 +356,16 @@ def test_a_task_is_tested_on_the_network_it_trained(scenario, test_mask):
     else:  # earlier tasks' weights regrown at zero are filled in: another network
         assert not torch.equal(tested, trained)
     assert regrown_old > 0
+
+
+@pytest.mark.parametrize(("tie", "kept"), [("first", 1), ("last", 2)])
+def test_a_tie_in_training_accuracy_keeps_the_first_or_last_best_epoch(tie, kept):
+    st = _strategy(best_epoch_tie=tie)
+    st._best, st._best_acc = None, -1.0
+    name, p = next(iter(st.model.named_parameters()))
+    for epoch, acc in enumerate([0.5, 1.0, 1.0, 0.75]):  # epochs 1 and 2 tie at the best
+        with torch.no_grad():
+            p.fill_(float(epoch))  # marks the weights of this epoch
+        st._correct, st._seen = int(acc * 4), 4
+        st._after_training_epoch()
+    assert torch.all(st._best[name] == kept)
