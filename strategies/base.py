@@ -187,15 +187,9 @@ class CLStrategy(Learner, SupervisedTemplate):
             if logits.shape[1] == 0 or int(y.max()) >= logits.shape[1]:
                 return torch.tensor(float("nan"))
             return F.cross_entropy(logits, y)
-        smoothing = self.cfg.label_smoothing
-        if self.cfg.loss_mask == "current":
-            if smoothing > 0:  # smoothing must not spread mass to masked (-inf) classes
-                keep = torch.tensor(self.current_classes, device=logits.device)
-                position = torch.full((logits.shape[1],), -1, device=logits.device)
-                position[keep] = torch.arange(len(keep), device=logits.device)
-                return F.cross_entropy(logits[:, keep], position[y], label_smoothing=smoothing)
-            logits = mask_logits(logits, self.current_classes)
-        return F.cross_entropy(logits, y, label_smoothing=smoothing)
+        return training_ce(
+            logits, y, self.cfg.loss_mask, self.current_classes, self.cfg.label_smoothing
+        )
 
     # ------------------------------------------------------------ checkpoint
     #: the strategy's own attributes (beyond its model) that a checkpoint carries: JSON
@@ -252,6 +246,25 @@ def silent_evaluator() -> EvaluationPlugin:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return EvaluationPlugin(loggers=[])
+
+
+def training_ce(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    loss_mask: str,
+    current_classes: Sequence[int],
+    smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The training cross-entropy: over every output (``loss_mask`` "seen") or over the
+    current classes only ("current"; label smoothing then spreads over those classes)."""
+    if loss_mask != "current":
+        return F.cross_entropy(logits, y, label_smoothing=smoothing)
+    if smoothing > 0:  # smoothing must not spread mass to masked (-inf) classes
+        keep = torch.tensor(list(current_classes), device=logits.device)
+        position = torch.full((logits.shape[1],), -1, device=logits.device)
+        position[keep] = torch.arange(len(keep), device=logits.device)
+        return F.cross_entropy(logits[:, keep], position[y], label_smoothing=smoothing)
+    return F.cross_entropy(mask_logits(logits, current_classes), y)
 
 
 def mask_logits(logits: torch.Tensor, keep: Sequence[int]) -> torch.Tensor:

@@ -78,7 +78,7 @@ from avalanche.benchmarks.utils.data_attribute import TensorDataAttribute
 from avalanche.benchmarks.utils.flat_data import FlatData
 from avalanche.training.storage_policy import ExemplarsBuffer, ExperienceBalancedBuffer
 from avalanche.training.supervised.der import ClassBalancedBufferWithLogits
-from clbench.strategies.base import CLStrategy, StrategyConfig, mask_logits
+from clbench.strategies.base import CLStrategy, StrategyConfig, training_ce
 from clbench.strategies.mil_baselines import BUFFER_POLICIES, BagMemory, tag_bags
 
 from clbench.checks import check_choice, check_positive
@@ -253,25 +253,6 @@ class DERppConfig(DERConfig):
 
 
 # ----------------------------------------------------------------- strategies
-def training_ce(
-    logits: torch.Tensor,
-    y: torch.Tensor,
-    loss_mask: str,
-    current_classes: list[int],
-    smoothing: float = 0.0,
-) -> torch.Tensor:
-    """The training cross-entropy of :meth:`CLStrategy.criterion` on given rows: over every
-    output (``seen``) or the current classes only (``current``)."""
-    if loss_mask != "current":
-        return F.cross_entropy(logits, y, label_smoothing=smoothing)
-    if smoothing > 0:  # smoothing must not spread mass to masked (-inf) classes
-        keep = torch.tensor(current_classes, device=logits.device)
-        position = torch.full((logits.shape[1],), -1, device=logits.device)
-        position[keep] = torch.arange(len(keep), device=logits.device)
-        return F.cross_entropy(logits[:, keep], position[y], label_smoothing=smoothing)
-    return F.cross_entropy(mask_logits(logits, current_classes), y)
-
-
 class ReplayStrategy(CLStrategy):
     """Base of the rehearsal baselines: the Avalanche buffer, its update after each
     experience, the memory batches prepended to the mini-batch, the full head.

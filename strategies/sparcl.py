@@ -48,7 +48,13 @@ import torch
 from clbench.strategies.replay import DERpp, DERppConfig
 from torch import nn
 
-from clbench.adapters.sparse import MaskedLayer, MaskSet, mask_layers, percentile_gradient_mask
+from clbench.adapters.sparse import (
+    MaskedLayer,
+    MaskSet,
+    keep_largest,
+    mask_layers,
+    percentile_gradient_mask,
+)
 from clbench.checks import check_positive, check_probability
 from clbench.data import TensorBatches
 from clbench.errors import ClbenchError, ConfigError
@@ -125,18 +131,6 @@ def tdm_bounds(
     """(prune-to, grow-to) sparsity at ``epoch`` of a task: stage = bound epochs reached."""
     stage = sum(epoch >= e for e in bound_epochs)
     return float(lower[stage]), float(upper[stage])
-
-
-def keep_most_important(mask: torch.Tensor, importance: torch.Tensor, keep: int) -> torch.Tensor:
-    """``mask`` narrowed to its ``keep`` active positions of largest ``importance`` (the
-    mask itself if it has no more than ``keep``)."""
-    flat = mask.flatten()
-    if int(flat.sum()) <= keep:
-        return mask.clone()
-    score = importance.flatten().float().masked_fill(~flat, float("-inf"))
-    out = torch.zeros_like(flat)  # ties: the lower position is kept
-    out[torch.sort(score, descending=True, stable=True).indices[:keep]] = True
-    return out.view_as(mask)
 
 
 class ForgettingStats:
@@ -277,7 +271,7 @@ class SparCL(DERpp):
             if grad_weight > 0 and layer.weight.grad is not None:
                 importance = importance + grad_weight * layer.weight.grad.detach().abs()
             keep = round((1.0 - sparsity) * w.numel())
-            out[name] = keep_most_important(layer.mask, importance, keep)
+            out[name] = keep_largest(layer.mask, importance, keep)
         return out
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ from clbench.adapters.sparse import (
     MaskedLayer,
     MaskSet,
     erk_densities,
+    keep_largest,
     layer_densities,
     mask_layers,
     masked_layers,
@@ -453,3 +454,13 @@ def test_report_counts_by_hand():
         "total": 20,
         "layers": {"lin": 0.25, "conv": 0.375},
     }
+
+
+def test_keep_largest_narrows_a_mask_to_the_top_scores_of_its_active_positions():
+    mask = torch.tensor([True, True, False, True, True, True])
+    importance = torch.tensor([0.5, 3.0, 9.0, 1.0, 1.0, 0.2])  # 9.0 is inactive: never kept
+    got = keep_largest(mask, importance, 3)
+    # 3.0, then the tie 1.0 / 1.0 (both kept), not 0.5 or 0.2
+    assert got.tolist() == [False, True, False, True, True, False]
+    assert keep_largest(mask, importance, 2).tolist() == [False, True, False, True, False, False]
+    assert torch.equal(keep_largest(mask, importance, 9), mask)

@@ -242,6 +242,19 @@ def _stable_order(scores: torch.Tensor, descending: bool = False) -> torch.Tenso
     return torch.sort(scores, descending=descending, stable=True).indices
 
 
+def keep_largest(mask: torch.Tensor, importance: torch.Tensor, keep: int) -> torch.Tensor:
+    """``mask`` narrowed to its ``keep`` active positions of largest ``importance`` (ties:
+    the lower position), or ``mask`` itself (a copy) if it has no more than ``keep``: a
+    pruning step by any importance score (SparCL's ``|w| + lambda |g|``)."""
+    flat = mask.flatten()
+    if int(flat.sum()) <= keep:
+        return mask.clone()
+    score = importance.flatten().float().masked_fill(~flat, float("-inf"))
+    out = torch.zeros_like(flat)
+    out[_stable_order(score, descending=True)[:keep]] = True
+    return out.view_as(mask)
+
+
 class MaskSet:
     """The masks of a model's masked layers and the steps that change them.
 
