@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 #: a seconds-long job: random-init backbone, 2 experiences, 1 epoch, no tracking
@@ -51,3 +54,24 @@ def clbench_with(args: list[str], pythonpath: Path, cwd: Path):
         env={**os.environ, "PYTHONPATH": str(pythonpath)},
         timeout=300,
     )
+
+
+@contextmanager
+def snapshot_after(experiences: int, dest: Path) -> Iterator[None]:
+    """Within the block, a class-incremental run's directory is copied to ``dest`` right
+    after its checkpoint of ``experiences`` experiences (what a SIGKILL at that moment would
+    leave), and the run goes on."""
+    from clbench.protocols import class_incremental as ci
+
+    save = ci.save_checkpoint
+
+    def save_and_snapshot(ctx, learner, result):
+        save(ctx, learner, result)
+        if len(result.accuracy_matrix) == experiences:
+            shutil.copytree(ctx.run_dir, dest)
+
+    ci.save_checkpoint = save_and_snapshot
+    try:
+        yield
+    finally:
+        ci.save_checkpoint = save

@@ -10,11 +10,10 @@ of a subprocess is tests/test_resume.py's.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from helpers import results_of, run_cli
+from helpers import results_of, run_cli, snapshot_after
 
 ARGS = [
     "backbone.pretrained=none",
@@ -53,23 +52,15 @@ CASES = [(name, EXTRA.get(name, [])) for name in class_incremental_strategies()]
 
 
 @pytest.mark.parametrize(("strategy", "extra"), CASES)
-def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, strategy, extra):
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, strategy, extra):
     from clbench.protocols import class_incremental as ci
 
     snapshot = tmp_path / "killed"
-    save = ci.save_checkpoint
-
-    def save_and_snapshot(ctx, learner, result):
-        save(ctx, learner, result)
-        if len(result.accuracy_matrix) == 2:
-            shutil.copytree(ctx.run_dir, snapshot)
-
-    monkeypatch.setattr(ci, "save_checkpoint", save_and_snapshot)
     other_backbone = any(e.startswith("backbone=") for e in extra)
     args = [a for a in ARGS if not (other_backbone and a.startswith("backbone."))]
     run = ["run", *args, f"strategy={strategy}", *extra]
-    assert run_cli([*run, f"runs_dir={tmp_path / 'straight'}"]) == 0
-    monkeypatch.setattr(ci, "save_checkpoint", save)
+    with snapshot_after(2, snapshot):
+        assert run_cli([*run, f"runs_dir={tmp_path / 'straight'}"]) == 0
     (straight,) = (tmp_path / "straight").iterdir()
     expected = results_of(straight)
 

@@ -3,7 +3,6 @@ task-aware mask schedule, sparse weights after each step, and a CLI run on the W
 
 from __future__ import annotations
 
-import shutil
 from itertools import pairwise
 from typing import Any
 
@@ -17,7 +16,7 @@ from torch import nn
 from clbench.errors import ConfigError
 from clbench.models import ClassifierModel
 from clbench.registry import SCENARIOS, STRATEGIES
-from helpers import only_run_dir, results_of, run_cli
+from helpers import only_run_dir, results_of, run_cli, snapshot_after
 
 
 class TinyCNN(nn.Module):
@@ -288,21 +287,11 @@ def test_bad_options_are_one_config_error_line():
 
 
 # ------------------------------------------------------------------------ CLI
-def test_cli_run_on_the_wide_resnet_ends_at_a_quarter_density_and_resumes(tmp_path, monkeypatch):
+def test_cli_run_on_the_wide_resnet_ends_at_a_quarter_density_and_resumes(tmp_path):
     """A short run on the WRN (every part active: mask updates, removals, gradient masks,
     replay) reaches the official density; snapshotted after its first experience's
     checkpoint and resumed, it ends exactly as the uninterrupted run."""
-    from clbench.protocols import class_incremental as ci
-
     snapshot = tmp_path / "killed"
-    save = ci.save_checkpoint
-
-    def save_and_snapshot(ctx, learner, result):
-        save(ctx, learner, result)
-        if len(result.accuracy_matrix) == 1:
-            shutil.copytree(ctx.run_dir, snapshot)
-
-    monkeypatch.setattr(ci, "save_checkpoint", save_and_snapshot)
     args = [
         "run",
         "scenario=split_digits",
@@ -318,8 +307,8 @@ def test_cli_run_on_the_wide_resnet_ends_at_a_quarter_density_and_resumes(tmp_pa
         "progress=false",
         f"runs_dir={tmp_path / 'runs'}",
     ]
-    assert run_cli(args) == 0
-    monkeypatch.setattr(ci, "save_checkpoint", save)
+    with snapshot_after(1, snapshot):
+        assert run_cli(args) == 0
     res = results_of(only_run_dir(tmp_path / "runs"))
     sparsity = res["sparsity"]
     assert sparsity["overall"] == pytest.approx(0.25, abs=0.002)
