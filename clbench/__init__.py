@@ -2,6 +2,8 @@
 
 import warnings
 
+from clbench.deferred import defer
+
 __version__ = "0.1.0"
 
 # Avalanche imports qpsolvers (for GEM, which clbench does not run); without a QP solver
@@ -10,3 +12,5 @@ __version__ = "0.1.0"
 warnings.filterwarnings(
     "ignore", message="no QP solver found", category=UserWarning, module=r"qpsolvers(\.|$)"
 )
+# the packages Avalanche imports for features clbench never runs load at first use
+defer()

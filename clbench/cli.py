@@ -24,7 +24,7 @@ USAGE = """usage: clbench COMMAND [ARGS]
 commands:
   run [-m] [KEY=VALUE ...]   train and evaluate a strategy on a scenario (Hydra overrides)
   list                       registered strategies, scenarios, backbones and scenario kinds
-  pretrain [--seed N] [--steps N] [--force]
+  pretrain [--seed N] [--steps N] [--threads N] [--force]
                              make the embedded micro ViT's offline source checkpoint
   resume RUN_DIR             continue a killed run from its last finished experience
   sync RUN_DIR... [--tracking-uri URI] [--experiment NAME] [--force]
@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (clbench list | head): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 1
 
 
 #: errno of a write the disk refused: full, over quota, read-only, no permission
@@ -271,10 +275,16 @@ def cmd_pretrain(args: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--force", action="store_true", help="remake it even if cached")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
     ns = p.parse_args(args)
     check_seed("--seed", ns.seed)
     if ns.steps < 1:
         raise ClbenchError(f"invalid value for --steps: {ns.steps}; must be >= 1")
+    if ns.threads is not None and ns.threads < 1:
+        raise ClbenchError(f"invalid value for --threads: {ns.threads}; must be >= 1")
+    from clbench.resources import set_threads
+
+    set_threads(ns.threads)
     path = default_checkpoint_path(ns.seed, ns.steps)
     if ns.force and path.exists():
         path.unlink()
@@ -314,7 +324,7 @@ def cmd_resume(args: list[str]) -> int:
 
 def cmd_sync(args: list[str]) -> int:
     from clbench.checks import check_tracking_uri
-    from clbench.runner import sync_run_dir
+    from clbench.tracking import sync_run_dir
 
     p = _Parser(prog="clbench sync", description="upload run directories to MLflow")
     p.add_argument("run_dirs", nargs="+", type=Path)

@@ -149,6 +149,9 @@ class RunConfig:
     progress: bool = True
     runs_dir: str = "runs"
     checkpoint: bool = True
+    # torch's intra- and inter-op threads; None: OMP_NUM_THREADS if set, else the cores this
+    # process may use, at most 16 (clbench.resources.default_threads)
+    threads: int | None = None
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
 
@@ -160,6 +163,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message("", e, RunConfig)) from None
     check_seed("seed", run.seed)
+    if run.threads is not None:
+        check_positive("threads", run.threads)
     check_positive("tracking.retries", run.tracking.retries, allow_zero=True)
     check_positive("tracking.timeout", run.tracking.timeout)
     check_tracking_uri("tracking.uri", run.tracking.uri)

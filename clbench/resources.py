@@ -1,12 +1,51 @@
-"""Resource measurements recorded with every run."""
+"""The machine's resources a run uses (threads) and measures (peak memory)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import sys
+
+#: ceiling of the default thread count: past it the small per-step work of the embedded
+#: models and of adapter training gains little, and a shared node is not taken over
+MAX_DEFAULT_THREADS = 16
 
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a SLURM or container
+    allocation), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` when the environment sets it to a number, else the cores this
+    process may use, at most :data:`MAX_DEFAULT_THREADS`."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(available_cores(), MAX_DEFAULT_THREADS))
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op and inter-op thread counts to ``threads`` (None: the default
+    above); returns the count. The inter-op count can only be set before the process runs
+    inter-op work; a later call leaves it as it is."""
+    import torch
+
+    n = threads or default_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if torch.get_num_interop_threads() != n:
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(n)
+    return n

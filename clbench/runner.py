@@ -24,7 +24,7 @@ from clbench.errors import ClbenchError
 from clbench.protocols.base import Protocol, RunContext, protocol_for
 from clbench.record import RunRecord, write_text_atomic
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
-from clbench.resources import peak_rss_mb
+from clbench.resources import peak_rss_mb, set_threads
 from clbench.seeding import seed_everything
 
 
@@ -54,6 +54,7 @@ def execute(
     """
     wall0 = time.perf_counter()
     typed = validate(cfg)
+    set_threads(cfg.get("threads"))
     device = resolve_device(cfg.device)
     seed_everything(int(cfg.seed))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,34 +173,3 @@ def track(cfg: DictConfig, record: RunRecord, run_dir: Path) -> dict[str, Any]:
         file=sys.stderr,
     )
     return {"status": "failed", "error": first, "uri": uri}
-
-
-def sync_run_dir(
-    run_dir: Path, uri: str | None = None, experiment: str | None = None, force: bool = False
-) -> dict[str, Any]:
-    """Upload a finished run directory to MLflow (a run whose tracking failed or was off).
-
-    ``uri`` / ``experiment`` default to the run's own tracking config. A run already
-    tracked is left alone unless ``force``. On failure the directory is unchanged and a
-    ClbenchError says why; on success results.json records the new MLflow run id.
-    """
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise ClbenchError(f"not a finished run directory (no results.json): {run_dir}")
-    record = RunRecord.load(path)
-    status = record.tracking or {}
-    if status.get("status") == "ok" and not force:
-        return {**status, "skipped": True}
-    conf = record.config.get("tracking") or {}
-    uri = uri or conf.get("uri") or None
-    experiment = experiment or conf.get("experiment") or "clbench"
-    timeout = int(conf.get("timeout") or tracking.DEFAULT_TIMEOUT)
-    try:
-        run_id = tracking.log_run(record, run_dir, uri, experiment, timeout)
-    except Exception as e:
-        where = uri or "the default store"
-        why = tracking.describe_error(e, timeout)
-        raise ClbenchError(f"sync of {run_dir} to {where} failed: {why}") from None
-    record.tracking = {"status": "ok", "uri": uri, "run_id": run_id, "synced": True}
-    record.write(path)
-    return record.tracking

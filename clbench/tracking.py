@@ -17,12 +17,10 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from clbench.errors import first_line
-
-if TYPE_CHECKING:
-    from clbench.record import RunRecord
+from clbench.errors import ClbenchError, first_line
+from clbench.record import RunRecord
 
 MAX_PARAM_LEN = 6000
 #: seconds one HTTP request to a tracking server may take (connect, then read)
@@ -232,3 +230,34 @@ def _finite(values: Mapping[str, Any]) -> dict[str, float]:
         if isinstance(v, int | float) and v == v and abs(v) != float("inf"):
             out[k] = float(v)
     return out
+
+
+def sync_run_dir(
+    run_dir: Path, uri: str | None = None, experiment: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Upload a finished run directory to MLflow (a run whose tracking failed or was off).
+
+    ``uri`` / ``experiment`` default to the run's own tracking config. A run already
+    tracked is left alone unless ``force``. On failure the directory is unchanged and a
+    ClbenchError says why; on success results.json records the new MLflow run id.
+    """
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise ClbenchError(f"not a finished run directory (no results.json): {run_dir}")
+    record = RunRecord.load(path)
+    status = record.tracking or {}
+    if status.get("status") == "ok" and not force:
+        return {**status, "skipped": True}
+    conf = record.config.get("tracking") or {}
+    uri = uri or conf.get("uri") or None
+    experiment = experiment or conf.get("experiment") or "clbench"
+    timeout = int(conf.get("timeout") or DEFAULT_TIMEOUT)
+    try:
+        run_id = log_run(record, run_dir, uri, experiment, timeout)
+    except Exception as e:
+        where = uri or "the default store"
+        why = describe_error(e, timeout)
+        raise ClbenchError(f"sync of {run_dir} to {where} failed: {why}") from None
+    record.tracking = {"status": "ok", "uri": uri, "run_id": run_id, "synced": True}
+    record.write(path)
+    return record.tracking

@@ -58,6 +58,8 @@ def _clbench(args: list[str], cwd: Path, pythonpath: Path | None = None):
         (["run", "strategy=nope"], 2, "unknown strategy 'nope'; valid choices: "),
         (["run", "scenario=nope"], 2, "unknown scenario 'nope'; valid choices: "),
         (["run", "strategy.nope=1"], 2, "unknown key 'strategy.nope'; valid keys: "),
+        (["run", "threads=0"], 2, "invalid value for threads: 0; must be > 0"),
+        (["sync", "nope"], 2, "not a finished run directory (no results.json): nope"),
     ],
 )
 def test_fast_paths_import_no_heavy_module(tmp_path, args, code, expected):
@@ -70,6 +72,65 @@ def test_fast_paths_import_no_heavy_module(tmp_path, args, code, expected):
         assert len(err) == 1, err
         assert err[0].startswith("error: ") and expected in err[0], err[0]
     assert not list(tmp_path.rglob("*.json"))  # nothing ran
+
+
+def test_list_into_a_closed_pipe_stops_quietly(tmp_path):
+    """``clbench list | head -1``: the reader goes away; no traceback, exit code 1."""
+    code = "import sys; from clbench.cli import main; sys.exit(main(['list']))"
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path
+    )
+    assert p.stdout.readline().startswith(b"strategy ")
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 1 and "Traceback" not in err and "Broken" not in err, err
+
+
+#: what the default job (micro ViT on split_digits) must not import: CLIP, and the engines
+#: of the Hydra launchers it does not use (Hydra's plugin modules themselves are thin;
+#: joblib comes with scikit-learn, which the digits need)
+NEVER = ("open_clip", "ray", "submitit")
+_JOB_PROBE = f"""
+import json, sys
+from clbench.cli import main
+from clbench.deferred import is_loaded
+from clbench.protocols.class_incremental import ClassIncremental
+
+seen = {{}}
+plots = ClassIncremental.plots
+
+def probe(self, record, run_dir):
+    seen["at_plots"] = sorted(m for m in sys.modules if m == "clbench.plots")
+    return plots(self, record, run_dir)
+
+ClassIncremental.plots = probe
+code = main(sys.argv[1:])
+tops = {{m.split(".")[0] for m in sys.modules}}
+seen["never"] = sorted(tops & set({NEVER!r}))
+seen["qpsolvers"] = is_loaded("qpsolvers")
+seen["plots"] = "clbench.plots" in sys.modules
+print("SEEN=" + json.dumps(seen))
+sys.exit(code)
+"""
+
+
+def test_the_default_job_imports_only_what_it_uses(tmp_path, pretrained):
+    """The micro ViT on split_digits: no open_clip, Ray or submitit; GEM's QP solvers
+    deferred (never loaded); clbench's plotting imported when the run plots, not before."""
+    args = ["run", "progress=false", f"runs_dir={tmp_path}", "strategy.epochs=1"]
+    args.append(f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    p = subprocess.run(
+        [sys.executable, "-c", _JOB_PROBE, *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    seen = json.loads(p.stdout.splitlines()[-1].removeprefix("SEEN="))
+    assert seen["never"] == [], seen
+    assert seen["qpsolvers"] is False, seen
+    assert seen["at_plots"] == [] and seen["plots"] is True, seen
 
 
 def test_list_shows_every_builtin_with_its_summary_and_kind(tmp_path):
@@ -209,3 +270,19 @@ def test_broken_and_clashing_plugins(tmp_path):
     rc, out, err, heavy = _clbench(["list"], tmp_path, site)
     assert rc == 2 and heavy == [], err
     assert len(err) == 1 and "strategy 'broken' is registered twice" in err[0], err
+
+
+def test_a_deferred_module_runs_at_its_first_use(tmp_path, monkeypatch):
+    from clbench.deferred import defer, is_loaded
+
+    name = "deferred_5b1e"
+    ran = tmp_path / "ran"
+    (tmp_path / f"{name}.py").write_text(f"open({str(ran)!r}, 'w').close()\nVALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    defer([name])
+    try:
+        module = __import__(name)
+        assert not ran.exists() and not is_loaded(name)
+        assert module.VALUE == 42 and ran.exists() and is_loaded(name)
+    finally:
+        sys.modules.pop(name, None)

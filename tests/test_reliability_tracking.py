@@ -230,7 +230,7 @@ def test_sync_of_a_run_without_a_uri_goes_to_the_default_store_not_the_last_one(
     explicit store, a run with no URI of its own must still go to MLflow's default."""
     from mlflow.tracking import MlflowClient
 
-    from clbench.runner import sync_run_dir
+    from clbench.tracking import sync_run_dir
 
     explicit = f"sqlite:///{tmp_path}/explicit.db"
     make_record(0, tmp_path / "a")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from clbench import metrics, plots, statefile
+from clbench import metrics, statefile
 from clbench.config import to_container
 from clbench.errors import ClbenchError, ConfigError, first_line
 from clbench.flops import TrainingFlops
@@ -461,6 +461,8 @@ class ClassIncremental(Protocol):
         )
 
     def plots(self, record: RunRecord, run_dir: Path) -> list[Path]:
+        from clbench import plots  # matplotlib: imported when a run plots
+
         title = f"{record.strategy} on {record.scenario} (seed {record.seed})"
         heatmap, curve = run_dir / "accuracy_matrix.png", run_dir / "accuracy_curve.png"
         plots.accuracy_heatmap(record["accuracy_matrix"], heatmap, title)

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from clbench import plots
 from clbench.data import materialise, read_batches
 from clbench.errors import ClbenchError
 from clbench.progress import ProgressPlugin, StepCounter
@@ -384,6 +383,8 @@ class Forgetting(Protocol):
         )
 
     def plots(self, record: RunRecord, run_dir: Path) -> list[Path]:
+        from clbench import plots  # matplotlib: imported when a run plots
+
         title = f"{record.strategy} on {record.scenario} (seed {record.seed})"
         path = run_dir / "forgetting_accuracies.png"
         series = {

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from clbench import metrics, plots
+from clbench import metrics
 from clbench.errors import ClbenchError
 from clbench.progress import ProgressPlugin, StepCounter
 from clbench.protocols.base import (
@@ -368,6 +368,8 @@ class MultipleInstance(Protocol):
         )
 
     def plots(self, record: RunRecord, run_dir: Path) -> list[Path]:
+        from clbench import plots  # matplotlib: imported when a run plots
+
         title = f"{record.strategy} on {record.scenario} (seed {record.seed})"
         m = record.fields["matrices"]
         nan = [[NAN if v is None else v for v in row] for row in m["accuracy"]]

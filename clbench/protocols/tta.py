@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from clbench import plots
 from clbench.adapters.tta import SavedTensorMeter, state_bytes
 from clbench.data import materialise
 from clbench.errors import ClbenchError
@@ -291,6 +290,8 @@ class TestTimeAdaptation(Protocol):
         )
 
     def plots(self, record: RunRecord, run_dir: Path) -> list[Path]:
+        from clbench import plots  # matplotlib: imported when a run plots
+
         title = f"{record.strategy} on {record.scenario} (seed {record.seed})"
         path = run_dir / "online_error.png"
         plots.online_error_bars(record["domains"], record["online_error"], path, title)
