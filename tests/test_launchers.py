@@ -4,9 +4,13 @@ sweep id tag ties a sweep's tracked runs together; the SLURM config composes."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -52,18 +56,36 @@ def test_submitit_local_launcher(tmp_path):
 
 @pytest.fixture
 def ray_cluster(tmp_path):
+    """A local Ray head node (``ray start --head --block``) in a session and a temporary
+    directory of its own: the cluster's processes are ended by that session's id, its files
+    removed with the directory (``ray stop`` would end every Ray process on the machine,
+    and waits seconds for them)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    # short: Ray's Unix sockets live under it (a socket path has at most 107 characters)
+    temp = tempfile.mkdtemp(prefix="ray-")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    start = [*ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1"]
-    start += ["--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"]
-    subprocess.run(start, check=True, capture_output=True, timeout=180, env=env)
+    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"]
+    start += [f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
+    start += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
+    log = tmp_path / "ray-start.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            start, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     try:
+        deadline = time.monotonic() + 180
+        # printed once the node is up and its address written, before it blocks
+        while "block forever" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("ray start failed:\n" + log.read_text())
+            time.sleep(0.1)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([*ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        os.killpg(proc.pid, signal.SIGKILL)  # what ray stop --force sends, to our session only
+        proc.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_launcher_against_a_cluster(tmp_path, ray_cluster):

@@ -10,17 +10,16 @@ from pathlib import Path
 from helpers import clbench_with
 
 TOY_KIND = '''
-"""A third-party scenario kind: majority-vote chunks (a toy, for the plug-in test)."""
+"""A third-party scenario kind: majority-vote chunks (a toy, for the plug-in test).
+
+Its data side (Avalanche, clbench.scenarios.base) is imported where the scenario is built:
+``leaderboard publish`` loads the kind for its board only, and needs none of it.
+"""
 from dataclasses import dataclass
 
 import torch
-from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
 
 from clbench.protocols.base import BoardSpec, Column, Protocol, RecordPart
-from clbench.scenarios.base import Scenario, LabelledTensors
-from avalanche.benchmarks.utils.classification_dataset import (
-    _as_taskaware_supervised_classification_dataset as wrap,
-)
 
 
 class ChunkLearner:
@@ -63,6 +62,13 @@ class ToyChunksConfig:
 
 def toy_chunks(cfg):
     """Toy scenario: chunks of labels, mostly of class 1."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.utils.classification_dataset import (
+        _as_taskaware_supervised_classification_dataset as wrap,
+    )
+
+    from clbench.scenarios.base import LabelledTensors, Scenario
+
     g = torch.Generator().manual_seed(0)
     chunks = []
     for _ in range(cfg.chunks):

@@ -23,6 +23,9 @@ ARGS = [
     "progress=false",
 ]
 
+#: a finished run for the checks on what is kept: two experiences, one epoch
+SHORT = [*ARGS, "scenario.n_experiences=2", "strategy.epochs=1"]
+
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "clbench.cli", *args]
@@ -72,7 +75,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, strategy):
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     assert run_cli(["resume", str(tmp_path)]) == 2
     assert "no .hydra/config.yaml" in capsys.readouterr().err
-    assert run_cli(["run", *ARGS, "scenario.n_experiences=2", f"runs_dir={tmp_path}"]) == 0
+    assert run_cli(["run", *SHORT, f"runs_dir={tmp_path}"]) == 0
     run_dir = only_run_dir(tmp_path)
     assert run_cli(["resume", str(run_dir)]) == 2
     assert "has finished" in capsys.readouterr().err
@@ -81,7 +84,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
 def test_no_checkpoint_is_kept_after_a_finished_run_or_when_off(tmp_path):
     for flag in ("true", "false"):
         out = tmp_path / flag
-        args = ["run", *ARGS, "scenario.n_experiences=2", f"checkpoint={flag}", f"runs_dir={out}"]
+        args = ["run", *SHORT, f"checkpoint={flag}", f"runs_dir={out}"]
         assert run_cli(args) == 0
         run_dir = only_run_dir(out)
         assert not (run_dir / CHECKPOINT).exists()
