@@ -53,6 +53,9 @@ def _verbose(args: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    from clbench.resources import configure_openmp
+
+    configure_openmp()  # libgomp reads it when torch loads it
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

@@ -46,3 +46,17 @@ def test_a_run_uses_and_records_its_threads(tmp_path, restore_threads):
     assert record["config"]["threads"] == 2
     assert record["tags"]["hardware"].endswith(" 2 threads")
     assert torch.get_num_threads() == 2
+
+
+def test_openmp_busy_wait_is_shortened_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    resources.configure_openmp()
+    assert os.environ["GOMP_SPINCOUNT"] == resources.GOMP_SPINCOUNT
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    resources.configure_openmp()
+    assert os.environ["GOMP_SPINCOUNT"] == "5"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    resources.configure_openmp()
+    assert "GOMP_SPINCOUNT" not in os.environ
