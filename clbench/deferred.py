@@ -18,10 +18,10 @@ What remains of Avalanche's import cost is measured and explained in docs/perfor
 from __future__ import annotations
 
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 from collections.abc import Iterable, Sequence
-from importlib.machinery import ModuleSpec
 from types import ModuleType
 
 #: top-level packages loaded at first use instead of at import
@@ -29,7 +29,7 @@ DEFERRED = ("qpsolvers",)
 
 
 class _LazyFinder(importlib.abc.MetaPathFinder):
-    """Finds the named top-level modules with the other finders and wraps their loader in
+    """Finds the named top-level modules on sys.path and wraps their loader in
     :class:`importlib.util.LazyLoader`; any other name is left to the other finders."""
 
     def __init__(self, names: Iterable[str]) -> None:
@@ -37,16 +37,11 @@ class _LazyFinder(importlib.abc.MetaPathFinder):
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> ModuleSpec | None:
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in self.names:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None:
             return None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec  # a namespace package or an old-style loader: imported as usual

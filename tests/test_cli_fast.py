@@ -29,20 +29,25 @@ sys.exit(code)
 """
 
 
+def _python(code: str, args: list[str], cwd: Path, env: dict | None = None):
+    """``python -c CODE ARGS`` in a fresh interpreter -> the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
 def _clbench(args: list[str], cwd: Path, pythonpath: Path | None = None):
     """``clbench ARGS`` in a fresh interpreter -> (exit code, stdout lines, stderr lines,
     heavy modules it imported)."""
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    p = subprocess.run(
-        [sys.executable, "-c", _PROBE, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-    )
+    p = _python(_PROBE, args, cwd, env)
     out = p.stdout.splitlines()
     heavy = None
     if out and out[-1].startswith("HEAVY="):
@@ -119,13 +124,7 @@ def test_the_default_job_imports_only_what_it_uses(tmp_path, pretrained):
     deferred (never loaded); clbench's plotting imported when the run plots, not before."""
     args = ["run", "progress=false", f"runs_dir={tmp_path}", "strategy.epochs=1"]
     args.append(f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
-    p = subprocess.run(
-        [sys.executable, "-c", _JOB_PROBE, *args],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    p = _python(_JOB_PROBE, args, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     seen = json.loads(p.stdout.splitlines()[-1].removeprefix("SEEN="))
     assert seen["never"] == [], seen
