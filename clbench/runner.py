@@ -61,6 +61,8 @@ def execute(
 
     scenario = SCENARIOS.get(cfg.scenario.name)(typed["scenario"])
     backbone = BACKBONES.get(cfg.backbone.name)(typed["backbone"])
+    if scenario.configure_inputs(backbone.data_config):
+        backbone.use_prepared_inputs()
     if not backbone.accepts(scenario.input_shape):
         raise ClbenchError(
             f"backbone {backbone.name!r} takes inputs {backbone.describe_inputs()} but "

@@ -7,6 +7,11 @@ scenario's module when that scenario is built (``clbench.registry.SCENARIOS``).
 
 BUILTINS: dict[str, str] = {
     "split_digits": "clbench.scenarios.digits:split_digits",
+    "split_glyphs": "clbench.scenarios.glyphs:split_glyphs",
+    "split_cifar100": "clbench.scenarios.images:split_cifar100",
+    "imagenet_r": "clbench.scenarios.images:imagenet_r",
+    "cub200": "clbench.scenarios.images:cub200",
+    "domainnet": "clbench.scenarios.images:domainnet",
     "digits_c": "clbench.scenarios.tta:digits_c",
     "cifar10_c": "clbench.scenarios.tta:cifar10_c",
     "cifar100_c": "clbench.scenarios.tta:cifar100_c",

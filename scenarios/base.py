@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
@@ -14,6 +14,19 @@ from avalanche.benchmarks.utils.classification_dataset import (
     _as_taskaware_supervised_classification_dataset,
 )
 from torch.utils.data import TensorDataset
+
+from clbench.errors import ConfigError
+
+
+class InputPipeline(Protocol):
+    """The image transforms of a scenario whose samples are read from files, set from the
+    backbone's data configuration (``Backbone.data_config``: ``input_size``, ``mean``,
+    ``std``, ``interpolation``, ``crop_pct``) before the run starts, so images reach the
+    model resized and normalised the way its weights expect."""
+
+    def configure(self, data_config: dict[str, Any]) -> tuple[int, ...]:
+        """Adopt ``data_config``; returns the shape of one model input, e.g. (3, 224, 224)."""
+        ...
 
 
 @dataclass
@@ -32,6 +45,18 @@ class Scenario:
     input_shape: tuple[int, ...]  # the shape of one model input, e.g. (C, H, W)
     in_memory: bool = True  # samples are stored tensors with no random transforms
     stream: Any = None
+    #: for images read from files: the transforms the backbone's data config sets
+    #: (:meth:`configure_inputs`); None: the samples are model inputs as they are
+    inputs: InputPipeline | None = None
+
+    def configure_inputs(self, data_config: dict[str, Any] | None) -> bool:
+        """Let the backbone's data configuration drive the image transforms (resize, crop,
+        normalisation); True if it did. A scenario of stored tensors, or a backbone
+        without one, is left as it is (False)."""
+        if self.inputs is None or not data_config:
+            return False
+        self.input_shape = tuple(self.inputs.configure(data_config))
+        return True
 
     @property
     def train_stream(self) -> Any:
@@ -60,35 +85,125 @@ class LabelledTensors(TensorDataset):
         self.targets = y.tolist()
 
 
+def class_split(
+    n_classes: int, n_experiences: int = 0, init_cls: int = 0, increment: int = 0
+) -> list[int]:
+    """Classes per experience, PILOT's way: ``init_cls`` in the first experience, then
+    ``increment`` per experience (the last one may hold fewer: PILOT's remainder rule),
+    e.g. 100 classes, B50 Inc10 -> [50, 10, 10, 10, 10, 10]. ``init_cls`` 0: even split
+    into ``n_experiences`` (which must divide ``n_classes``); ``increment`` 0: the rest of
+    the classes split evenly into ``n_experiences - 1`` experiences (or ``init_cls``
+    each if ``n_experiences`` is 0). One clear :class:`ConfigError` line otherwise."""
+    if init_cls < 0 or increment < 0 or n_experiences < 0:
+        raise ConfigError(
+            f"invalid class split: init_cls={init_cls}, increment={increment}, "
+            f"n_experiences={n_experiences}; none may be negative"
+        )
+    if init_cls == 0:
+        if n_experiences <= 0 or n_classes % n_experiences:
+            valid = [k for k in range(1, n_classes + 1) if n_classes % k == 0]
+            raise ConfigError(
+                f"invalid value for scenario.n_experiences: {n_experiences}; valid choices: "
+                f"{', '.join(map(str, valid))} ({n_classes} classes split evenly), or set "
+                "scenario.init_cls / scenario.increment for an uneven split"
+            )
+        return [n_classes // n_experiences] * n_experiences
+    if init_cls > n_classes:
+        raise ConfigError(
+            f"invalid value for scenario.init_cls: {init_cls}; the scenario has {n_classes} classes"
+        )
+    rest = n_classes - init_cls
+    if increment == 0:
+        if rest == 0:
+            return [init_cls]
+        if n_experiences == 0:
+            increment = init_cls
+        elif n_experiences < 2 or rest % (n_experiences - 1):
+            raise ConfigError(
+                f"invalid class split: {rest} classes after init_cls={init_cls} do not split "
+                f"evenly into n_experiences - 1 = {n_experiences - 1} experiences; set "
+                "scenario.increment"
+            )
+        else:
+            increment = rest // (n_experiences - 1)
+    sizes = [init_cls] + [increment] * (rest // increment)
+    if rest % increment:
+        sizes.append(rest % increment)
+    if n_experiences and len(sizes) != n_experiences:
+        raise ConfigError(
+            f"invalid class split: init_cls={init_cls}, increment={increment} give "
+            f"{len(sizes)} experiences, scenario.n_experiences={n_experiences}; set "
+            "n_experiences to that, or to 0 (taken from the split)"
+        )
+    return sizes
+
+
 def class_incremental_from_tensors(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
     x_test: torch.Tensor,
     y_test: torch.Tensor,
     class_order: Sequence[int],
-    n_experiences: int,
+    n_experiences: int | Sequence[int],
 ) -> CLScenario:
     """An Avalanche class-incremental benchmark whose labels are positions in ``class_order``.
 
-    Relabelling makes experience t hold labels [t*k, (t+1)*k), so a growing head's
-    units line up with arrival order (the PILOT convention).
+    ``n_experiences``: a number of even experiences, or the classes of each experience
+    (:func:`class_split`, e.g. [50, 10, 10, 10, 10, 10]). Relabelling makes the
+    experiences hold consecutive labels in arrival order, so a growing head's units line
+    up with it (the PILOT convention).
     """
+    datasets = {
+        "train": LabelledTensors(x_train, y_train),
+        "test": LabelledTensors(x_test, y_test),
+    }
+    return class_incremental_from_datasets(datasets, class_order, n_experiences)
+
+
+def class_incremental_from_datasets(
+    datasets: dict[str, Any], class_order: Sequence[int], n_experiences: int | Sequence[int]
+) -> CLScenario:
+    """:func:`class_incremental_from_tensors` for any datasets with ``targets`` (e.g. images
+    read lazily from files): ``{"train": ..., "test": ...}``, labels relabelled to
+    positions in ``class_order``, split by Avalanche's ``class_incremental_benchmark``."""
     n_classes = len(class_order)
-    if n_classes % n_experiences:
-        raise ValueError(f"{n_classes} classes do not split into {n_experiences} experiences")
+    if isinstance(n_experiences, int):
+        if n_classes % n_experiences:
+            raise ValueError(f"{n_classes} classes do not split into {n_experiences} experiences")
+        sizes = [n_classes // n_experiences] * n_experiences
+    else:
+        sizes = [int(k) for k in n_experiences]
+        if sum(sizes) != n_classes or min(sizes) < 1:
+            raise ValueError(f"experience sizes {sizes} do not split {n_classes} classes")
     remap = torch.empty(max(class_order) + 1, dtype=torch.long)
     remap[torch.as_tensor(list(class_order))] = torch.arange(n_classes)
-    datasets = {
-        "train": _as_taskaware_supervised_classification_dataset(
-            LabelledTensors(x_train, remap[y_train])
-        ),
-        "test": _as_taskaware_supervised_classification_dataset(
-            LabelledTensors(x_test, remap[y_test])
-        ),
+    wrapped = {
+        name: _as_taskaware_supervised_classification_dataset(
+            LabelledTensors(data.tensors[0], remap[data.tensors[1]])
+            if isinstance(data, LabelledTensors)
+            else Relabelled(data, remap)
+        )
+        for name, data in datasets.items()
     }
     return class_incremental_benchmark(
-        datasets, class_order=list(range(n_classes)), num_experiences=n_experiences
+        wrapped, class_order=list(range(n_classes)), num_classes_per_exp=sizes
     )
+
+
+class Relabelled(torch.utils.data.Dataset):
+    """``dataset`` with each label ``y`` replaced by ``remap[y]`` (``targets`` too)."""
+
+    def __init__(self, dataset: Any, remap: torch.Tensor) -> None:
+        self.dataset = dataset
+        self.remap = remap
+        self.targets = remap[torch.as_tensor(list(dataset.targets))].tolist()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        x, _ = self.dataset[i]
+        return x, self.targets[i]
 
 
 def _dataset(x: torch.Tensor, y: torch.Tensor) -> Any:

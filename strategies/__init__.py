@@ -52,5 +52,11 @@ BUILTINS: dict[str, str] = {
     "der": "clbench.strategies.replay:DER",
     "derpp": "clbench.strategies.replay:DERpp",
     "dst": "clbench.strategies.dst:DST",
+    "ewc": "clbench.strategies.classic:EWC",
+    "lwf": "clbench.strategies.classic:LwF",
+    "gdumb": "clbench.strategies.classic:GDumb",
+    "icarl": "clbench.strategies.classic:ICaRL",
+    "simplecil": "clbench.strategies.prototypes:SimpleCIL",
+    "fsa": "clbench.strategies.prototypes:FSA",
     "sparcl": "clbench.strategies.sparcl:SparCL",
 }

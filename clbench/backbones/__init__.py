@@ -7,6 +7,7 @@ imports a backbone's module when that backbone is built (``clbench.registry.BACK
 
 BUILTINS: dict[str, str] = {
     "micro_vit": "clbench.backbones.embedded:micro_vit",
+    "vit_b16": "clbench.backbones.vit:vit_b16",
     "clip_tiny": "clbench.backbones.clip:clip_tiny",
     "clip_vit_b16": "clbench.backbones.clip:clip_vit_b16",
     "wideresnet": "clbench.backbones.wideresnet:wideresnet",

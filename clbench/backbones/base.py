@@ -75,6 +75,11 @@ class Backbone:
     #: glyph head, pretrained with it): a scenario whose source data has that id starts
     #: from the backbone plus that head (``clbench.pretrain.source.source_classifier``)
     task_heads: dict[str, nn.Linear] = field(default_factory=dict)
+    #: how images must reach the weights (timm's data config: ``input_size`` (C, H, W),
+    #: ``mean``, ``std``, ``interpolation``, ``crop_pct``): a scenario reading image files
+    #: sets its transforms from it (``Scenario.configure_inputs``); None: the module takes
+    #: the scenario's tensors as they are (the embedded formats)
+    data_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.input_shapes:
@@ -85,6 +90,11 @@ class Backbone:
         from clbench.models import ClassifierModel
 
         return ClassifierModel(self.module, self.feature_dim)
+
+    def use_prepared_inputs(self) -> None:
+        """Called when the scenario's transforms follow :attr:`data_config` (resized and
+        normalised as the weights expect): a module that adapts raw inputs itself (CLIP's
+        grey-to-RGB, resize and normalisation of the embedded formats) stops doing so."""
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
