@@ -161,11 +161,16 @@ def class_incremental_from_tensors(
 
 
 def class_incremental_from_datasets(
-    datasets: dict[str, Any], class_order: Sequence[int], n_experiences: int | Sequence[int]
+    datasets: dict[str, Any],
+    class_order: Sequence[int],
+    n_experiences: int | Sequence[int],
+    transform_groups: dict[str, Any] | None = None,
 ) -> CLScenario:
     """:func:`class_incremental_from_tensors` for any datasets with ``targets`` (e.g. images
     read lazily from files): ``{"train": ..., "test": ...}``, labels relabelled to
-    positions in ``class_order``, split by Avalanche's ``class_incremental_benchmark``."""
+    positions in ``class_order``, split by Avalanche's ``class_incremental_benchmark``.
+    ``transform_groups``: Avalanche's ``{"train": (transform, None), "eval": (...)}``
+    applied to every sample (``dataset.train()`` / ``.eval()`` pick the group)."""
     n_classes = len(class_order)
     if isinstance(n_experiences, int):
         if n_classes % n_experiences:
@@ -181,7 +186,8 @@ def class_incremental_from_datasets(
         name: _as_taskaware_supervised_classification_dataset(
             LabelledTensors(data.tensors[0], remap[data.tensors[1]])
             if isinstance(data, LabelledTensors)
-            else Relabelled(data, remap)
+            else Relabelled(data, remap),
+            transform_groups=transform_groups,
         )
         for name, data in datasets.items()
     }

@@ -162,20 +162,40 @@ class CLStrategy(Learner, SupervisedTemplate):
         super()._before_training_iteration(**kwargs)
 
     def make_train_dataloader(self, shuffle: bool = True, **kwargs: Any) -> None:
-        if not self.in_memory:
-            super().make_train_dataloader(shuffle=shuffle, **kwargs)
-            return
         exp_id = int(self.experience.current_experience)
+        generator = derived_generator(self.seed, exp_id)
+        if not self.in_memory:
+            # images read from files: DataLoader workers (the experience's loader_workers);
+            # the order and each sample's random transforms drawn from the generator
+            from clbench.data import LazyBatches
+
+            self.dataloader = LazyBatches(
+                self.adapted_dataset,
+                self.train_mb_size,
+                shuffle=shuffle,
+                generator=generator,
+                num_workers=int(getattr(self.experience, "loader_workers", 0)),
+                pin_memory=torch.device(self.device).type == "cuda",
+            )
+            return
         self.dataloader = TensorBatches(
             materialise(self.adapted_dataset),
             self.train_mb_size,
             shuffle=shuffle,
-            generator=derived_generator(self.seed, exp_id),
+            generator=generator,
         )
 
     def make_eval_dataloader(self, **kwargs: Any) -> None:
         if not self.in_memory:
-            super().make_eval_dataloader(**kwargs)
+            from clbench.data import LazyBatches
+
+            self.dataloader = LazyBatches(
+                self.adapted_dataset,
+                self.eval_mb_size,
+                shuffle=False,
+                num_workers=int(getattr(self.experience, "loader_workers", 0)),
+                pin_memory=torch.device(self.device).type == "cuda",
+            )
             return
         self.dataloader = TensorBatches(
             materialise(self.adapted_dataset), self.eval_mb_size, shuffle=False
