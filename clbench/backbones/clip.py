@@ -14,6 +14,12 @@ is one sample through the image tower's stem (``visual.conv1``).
 - ``clip_vit_b16``: open_clip's ViT-B-16 with real weights: an open_clip pretrained tag
   (``openai``; downloaded, so only on a connected machine) or a local weights file.
 
+Both declare ``data_config`` (open_clip's preprocessing: ``image_size``, the weights' mean
+/ std (OpenAI's by default), bicubic, resize the shorter side then centre-crop): a
+scenario reading image files prepares its images that way, and then
+:meth:`ClipBackbone.use_prepared_inputs` turns the adapter into a pass-through (the
+embedded scenarios' tensors keep being adapted as before).
+
 open_clip is imported lazily, so listing components does not pay for it.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +46,9 @@ class ClipInput(nn.Module):
 
     Grey images are repeated to 3 channels; with ``resize`` they are resized (bilinear) to
     ``image_size``; with ``mean``/``std`` inputs in [-1, 1] (clbench's convention, see
-    ``clbench.lowres``) are mapped to [0, 1] and normalised as the weights expect.
+    ``clbench.lowres``) are mapped to [0, 1] and normalised as the weights expect. Once
+    ``prepared`` (the scenario's transforms already made RGB ``image_size`` images
+    normalised as the weights expect) it passes inputs through unchanged.
     """
 
     def __init__(
@@ -52,6 +61,7 @@ class ClipInput(nn.Module):
         super().__init__()
         self.image_size = image_size
         self.resize = resize
+        self.prepared = False
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
         for name, v in (("mean", mean), ("std", std)):
@@ -59,6 +69,8 @@ class ClipInput(nn.Module):
             self.register_buffer(name, value, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prepared:
+            return x
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         size = (self.image_size, self.image_size)
@@ -70,12 +82,39 @@ class ClipInput(nn.Module):
 
     def input_shapes(self) -> list[tuple[int | None, ...]]:
         """The (C, H, W) shapes this adapter accepts (``None``: any)."""
+        if self.prepared:
+            return [(3, self.image_size, self.image_size)]
         side = None if self.resize else self.image_size
         return [(c, side, side) for c in (1, 3)]
 
     def extra_repr(self) -> str:
+        if self.prepared:
+            return f"image_size={self.image_size}, prepared=True"
         norm = self.mean is not None
         return f"image_size={self.image_size}, resize={self.resize}, normalize={norm}"
+
+
+#: open_clip's resize modes -> timm's crop modes (what the scenario's transforms follow)
+CROP_MODES = {"shortest": "center", "squash": "squash", "longest": "border"}
+
+
+def clip_data_config(model: nn.Module, image_size: int) -> dict[str, Any]:
+    """timm-style data config of open_clip's evaluation preprocessing of ``model``: resize
+    to ``image_size`` (the shorter side, bicubic by default) and centre-crop (crop_pct 1),
+    normalised with the weights' mean / std (a pretrained tag's, else OpenAI's)."""
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg
+
+    pp = {**asdict(PreprocessCfg()), **getattr(model.visual, "preprocess_cfg", {})}
+    return {
+        "input_size": (3, image_size, image_size),
+        "interpolation": str(pp["interpolation"]),
+        "mean": tuple(float(v) for v in pp["mean"]),
+        "std": tuple(float(v) for v in pp["std"]),
+        "crop_pct": 1.0,
+        "crop_mode": CROP_MODES.get(str(pp["resize_mode"]), "center"),
+    }
 
 
 def _check_template(template: str) -> None:
@@ -110,6 +149,16 @@ class ClipBackbone(Backbone):
             input_adapter=self.input_adapter,
         )
 
+    def use_prepared_inputs(self) -> None:
+        """The scenario's transforms follow :attr:`data_config`: the input adapter stops
+        adapting (no grey-to-RGB, resize or normalisation) and only RGB inputs of the
+        tower's size are accepted."""
+        if self.input_adapter is None:
+            return
+        self.input_adapter.prepared = True
+        self.input_shapes = tuple(self.input_adapter.input_shapes())
+        self.input_shape = self.input_shapes[0]
+
 
 def _clip_backbone(
     name: str,
@@ -132,6 +181,7 @@ def _clip_backbone(
         tokenizer=tokenizer,
         template=template,
         input_adapter=adapter,
+        data_config=clip_data_config(model, size),
     )
 
 
