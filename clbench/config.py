@@ -16,8 +16,15 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from clbench.checks import check_positive, check_probability, check_seed, check_tracking_uri
+from clbench.checks import (
+    check_choice,
+    check_positive,
+    check_probability,
+    check_seed,
+    check_tracking_uri,
+)
 from clbench.errors import ClbenchError, ConfigError, unknown_choice
+from clbench.precision import PRECISIONS, check_precision
 from clbench.registry import REGISTRIES
 
 if TYPE_CHECKING:
@@ -146,6 +153,11 @@ class RunConfig:
 
     seed: int = 0
     device: str = "cpu"
+    # fp32 | bf16 | fp16 (CUDA only): the learner's forward passes under torch.autocast
+    # (clbench.precision)
+    precision: str = "fp32"
+    # deterministic algorithms, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG (clbench.precision)
+    deterministic: bool = True
     progress: bool = True
     runs_dir: str = "runs"
     checkpoint: bool = True
@@ -163,6 +175,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message("", e, RunConfig)) from None
     check_seed("seed", run.seed)
+    check_choice("precision", run.precision, PRECISIONS)
     if run.threads is not None:
         check_positive("threads", run.threads)
     check_positive("tracking.retries", run.tracking.retries, allow_zero=True)
@@ -177,7 +190,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
             raise unknown_choice(group, node.name, REGISTRIES[group].names())
         out[group] = typed(group, node)
         check_conventional_fields(group, out[group])
-    resolve_device(str(cfg.get("device", "cpu")))
+    device = resolve_device(str(run.device))
+    check_precision(str(run.precision), device, str(run.device))
     return out
 
 

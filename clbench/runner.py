@@ -21,6 +21,7 @@ import clbench
 from clbench import tracking
 from clbench.config import resolve_device, to_container, validate
 from clbench.errors import ClbenchError
+from clbench.precision import apply_precision, set_deterministic
 from clbench.protocols.base import Protocol, RunContext, protocol_for
 from clbench.record import RunRecord, write_text_atomic
 from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES
@@ -56,6 +57,8 @@ def execute(
     typed = validate(cfg)
     set_threads(cfg.get("threads"))
     device = resolve_device(cfg.device)
+    # before any CUDA work of the job (cuBLAS reads its workspace setting at its first call)
+    set_deterministic(bool(cfg.get("deterministic", True)))
     seed_everything(int(cfg.seed))
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -90,6 +93,9 @@ def execute(
         learner, resumed = protocol.resume(ctx)
     else:
         learner, resumed = protocol.build(ctx), None
+    # the protocol built the learner (and ran its setup: source training, Fisher... in
+    # float32); its training and evaluation passes run in the configured precision
+    apply_precision(learner, str(cfg.get("precision", "fp32")))
     result = protocol.run(ctx, learner, resumed)
     part = protocol.record(ctx, learner, result)
     record = RunRecord(
@@ -107,6 +113,15 @@ def execute(
     return finish(ctx, protocol, record)
 
 
+def hardware(device: torch.device) -> str:
+    """The ``hardware`` tag: the CPU architecture and torch threads, and the GPU's name
+    when the run uses one (``x86_64 16 threads, NVIDIA H100 80GB HBM3``)."""
+    text = f"{platform.machine()} {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
+
+
 def identity(ctx: RunContext, learner: Any) -> dict[str, Any]:
     """The part of a run record every protocol shares: what ran, where, and its tags."""
     cfg, scenario, backbone = ctx.cfg, ctx.scenario, ctx.backbone
@@ -119,7 +134,8 @@ def identity(ctx: RunContext, learner: Any) -> dict[str, Any]:
         "seed": str(cfg.seed),
         "git_commit": git_commit(),
         "clbench_version": clbench.__version__,
-        "hardware": f"{platform.machine()} {torch.get_num_threads()} threads",
+        "hardware": hardware(ctx.device),
+        "precision": str(cfg.get("precision", "fp32")),
     }
     if ctx.sweep_id:
         tags["sweep_id"] = ctx.sweep_id

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,6 +29,7 @@ from clbench.adapters.state import decode_refs, encode_refs, restore_structure, 
 from clbench.checks import check_choice, check_positive, check_range
 from clbench.data import TensorBatches, materialise
 from clbench.models import ClassifierModel
+from clbench.precision import to_float32
 from clbench.seeding import derived_generator
 
 LOSS_MASKS = ("seen", "current")
@@ -210,6 +212,51 @@ class CLStrategy(Learner, SupervisedTemplate):
         return training_ce(
             logits, y, self.cfg.loss_mask, self.current_classes, self.cfg.label_smoothing
         )
+
+    # ------------------------------------------------------------ precision
+    def training_epoch(self, **kwargs: Any) -> None:
+        """Avalanche's training epoch, its forward passes and losses in the run's precision."""
+        with self.precision_passes():
+            super().training_epoch(**kwargs)
+
+    def eval_epoch(self, **kwargs: Any) -> None:
+        """Avalanche's evaluation epoch, its forward passes and losses in the run's precision."""
+        with self.precision_passes():
+            super().eval_epoch(**kwargs)
+
+    @contextmanager
+    def precision_passes(self) -> Iterator[None]:
+        """Within the block, the ``forward()`` and ``criterion()`` Avalanche's loops call (the
+        most derived ones) run under :meth:`autocast`, their outputs cast to float32 (so
+        plugins, buffers and metrics see float32 logits); the hooks between them run outside
+        autocast. In fp32, or within an enclosing block (an evaluation during training),
+        nothing more changes."""
+        if not self.precision.enabled or "forward" in vars(self):
+            yield
+            return
+        forward, criterion = self.forward, self.criterion
+
+        def forward_pass() -> Any:
+            with self.autocast():
+                return to_float32(forward())
+
+        def loss() -> Any:
+            with self.autocast():
+                return to_float32(criterion())
+
+        self.forward, self.criterion = forward_pass, loss  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del self.forward, self.criterion
+
+    def backward(self) -> None:
+        """``loss.backward()``; fp16: of the scaled loss, the gradients then unscaled."""
+        self.precision.backward(self.loss, self.optimizer, retain_graph=self.retain_graph)
+
+    def optimizer_step(self) -> None:
+        """``optimizer.step()``; fp16: through the loss scaler."""
+        self.precision.step(self.optimizer)
 
     # ------------------------------------------------------------ checkpoint
     #: the strategy's own attributes (beyond its model) that a checkpoint carries: JSON

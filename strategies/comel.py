@@ -43,6 +43,7 @@ from clbench.adapters.owlora import OWLoRA
 from clbench.checks import check_positive, check_range
 from clbench.errors import ConfigError
 from clbench.models import ClassifierModel
+from clbench.precision import full_precision
 from clbench.seeding import derived_generator
 
 #: added to the instance probabilities before the log (the official 1e-10)
@@ -250,15 +251,16 @@ class CoMEL(MILStrategy):
                 f"{type(aggregator).__name__} leaves no attention / instances"
             )
         if self.cfg.inst_weight > 0 and self.clock.train_exp_epochs >= self.cfg.inst_start_epoch:
-            inst_loss, kept = bppl_loss(
-                logits[0],
-                label,
-                attention,
-                instances,
-                self.tau2,
-                self.cfg.bag_conf,
-                self.cfg.temperature,
-            )
+            with full_precision():  # pseudo-labels from prototype cosines: in float32
+                inst_loss, kept = bppl_loss(
+                    logits[0],
+                    label,
+                    attention.float(),
+                    instances.float(),
+                    self.tau2,
+                    self.cfg.bag_conf,
+                    self.cfg.temperature,
+                )
             self.instances_kept += kept
             loss = loss + self.cfg.inst_weight * inst_loss
         if self.task >= 1 and self.cfg.ortho_weight > 0:

@@ -38,6 +38,7 @@ from torch.optim.swa_utils import AveragedModel
 from clbench.checks import check_choice, check_positive, check_range
 from clbench.data import materialise, read_batches
 from clbench.models import ClassifierModel
+from clbench.precision import to_float32
 from clbench.seeding import derived_generator
 
 DATA_MODES = ("paired", "remain", "relabel")
@@ -171,9 +172,10 @@ class ErasureStrategy(CLStrategy):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of ``x`` for scoring (eval mode)."""
+        """Logits of ``x`` for scoring (eval mode, in the run's precision, as float32)."""
         self.model.eval()
-        return self.model(x)
+        with self.autocast():
+            return to_float32(self.model(x))
 
 
 class PairedBatches:

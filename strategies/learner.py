@@ -6,7 +6,8 @@ put first among their parents: :class:`~clbench.strategies.base.CLStrategy` (an 
 :class:`~clbench.strategies.tta.TTAStrategy` (``kind = "test_time"``). It fixes what the
 runner, the protocols and the leaderboards read from any strategy: its ``Config``
 dataclass, the scenario ``kind`` it runs, whether it ``uses_task_id``, and its trainable /
-inference parameter counts, and it owns the one optimizer factory, :func:`make_optimizer`.
+inference parameter counts, and it owns the one optimizer factory, :func:`make_optimizer`,
+and the run's numeric precision (:meth:`Learner.set_precision`, :mod:`clbench.precision`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from clbench.precision import FP32, Precision
 
 #: every optimizer name a strategy config may give (each base narrows it in its config)
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -63,6 +66,21 @@ class Learner:
 
     cfg: Any
     model: nn.Module
+    device: torch.device
+    #: how forward passes, backward and optimizer steps run (:mod:`clbench.precision`);
+    #: float32 until the runner calls :meth:`set_precision`
+    precision: Precision = FP32
+
+    # ------------------------------------------------------------- precision
+    def set_precision(self, name: str) -> None:
+        """Run forward passes in ``name`` (``fp32``, ``bf16``, ``fp16``) from now on; the
+        runner calls it once the protocol has built the learner. Each base decides where
+        its forward passes are (:meth:`autocast`)."""
+        self.precision = Precision(name, self.device)
+
+    def autocast(self) -> Any:
+        """The context of a forward pass in the learner's precision (nothing in fp32)."""
+        return self.precision.autocast()
 
     # ------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -34,6 +34,7 @@ from clbench.adapters.lora import (
 from clbench.checks import check_choice, check_positive
 from clbench.errors import ConfigError
 from clbench.models import ClassifierModel, ClipClassifier
+from clbench.precision import full_precision
 
 
 @dataclass
@@ -164,15 +165,17 @@ class OLoRA(LoRAStrategy):
         self.freeze_and_add_blocks()
 
     def orthogonality(self) -> torch.Tensor:
-        """sum over layers and targets of the element-wise L1 norm of A_old A_new^T."""
+        """sum over layers and targets of the element-wise L1 norm of A_old A_new^T
+        (in float32 under a mixed precision)."""
         total = torch.zeros(())
-        for layer in self.lora_layers().values():
-            new = [b for b in layer.blocks if b.A.requires_grad]
-            old = [b for b in layer.blocks if not b.A.requires_grad]
-            for n in new:
-                for o in old:
-                    if o.out_slice == n.out_slice:  # same target (q with q, v with v)
-                        total = total + (o.A @ n.A.T).abs().sum()
+        with full_precision():
+            for layer in self.lora_layers().values():
+                new = [b for b in layer.blocks if b.A.requires_grad]
+                old = [b for b in layer.blocks if not b.A.requires_grad]
+                for n in new:
+                    for o in old:
+                        if o.out_slice == n.out_slice:  # same target (q with q, v with v)
+                            total = total + (o.A @ n.A.T).abs().sum()
         return total
 
     def criterion(self) -> torch.Tensor:

@@ -25,6 +25,7 @@ from clbench.strategies.baselines import Joint, JointConfig
 from torch.utils.data import DataLoader
 
 from clbench.errors import ConfigError
+from clbench.precision import to_float32
 from clbench.seeding import derived_generator
 
 
@@ -103,11 +104,13 @@ class BagLearner:
     @torch.no_grad()
     def bag_outputs(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(C,)`` of one bag ``(N, D)`` over the head's classes, and the
-        aggregator's attention ``(N,)`` (None if it has none), in eval mode."""
+        aggregator's attention ``(N,)`` (None if it has none), in eval mode, in the run's
+        precision (both returned as float32)."""
         self.model.eval()
-        logits = self.model(bag.to(self.device).unsqueeze(0))[0]
+        with self.autocast():  # type: ignore[attr-defined]
+            logits = to_float32(self.model(bag.to(self.device).unsqueeze(0))[0])
         attention = getattr(self.model.backbone, "attention", None)
-        return logits, (attention.detach() if attention is not None else None)
+        return logits, (to_float32(attention.detach()) if attention is not None else None)
 
 
 @dataclass

@@ -197,7 +197,7 @@ class BagMemory:
         for g in state["groups"]:
             group = ReservoirSamplingBuffer(int(g["max_size"]))
             group.buffer = rows(g["refs"])
-            group._buffer_weights = g["weights"].float()
+            group._buffer_weights = g["weights"].float().cpu()  # Avalanche draws them on CPU
             if isinstance(self.storage, ReservoirSamplingBuffer):
                 self.storage = group
             else:

@@ -51,6 +51,7 @@ from clbench.adapters.prompts import (
 from clbench.checks import check_choice, check_positive
 from clbench.errors import ConfigError
 from clbench.models import ClassifierModel
+from clbench.precision import full_precision
 from clbench.seeding import derived_generator
 
 
@@ -335,9 +336,10 @@ class CodaComponents(nn.Module):
     def ortho_penalty(self, stop: int) -> torch.Tensor:
         """sum ||M M^T - I||^2 over K, A and flattened P (the official optional loss)."""
         total = self.K.new_zeros(())
-        for w in (self.K[:stop], self.A[:stop], self.P[:stop].flatten(1)):
-            gram = w @ w.T
-            total = total + ((gram - torch.eye(stop, device=w.device)) ** 2).mean()
+        with full_precision():  # Gram matrices of the float32 parameters, in float32
+            for w in (self.K[:stop], self.A[:stop], self.P[:stop].flatten(1)):
+                gram = w @ w.T
+                total = total + ((gram - torch.eye(stop, device=w.device)) ** 2).mean()
         return total
 
 

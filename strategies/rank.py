@@ -127,10 +127,11 @@ class IncRankConfig(LoRAConfig):
 
 
 def _orthogonal_rows(n: int, dim: int, against: torch.Tensor | None) -> torch.Tensor:
-    """``n`` orthonormal rows of length ``dim``, orthogonal to the rows of ``against``."""
+    """``n`` orthonormal rows of length ``dim``, orthogonal to the rows of ``against``
+    (drawn from the global CPU generator and computed on the CPU, whatever the device)."""
     x = torch.randn(dim, n)
     if against is not None and against.numel():
-        q, _ = torch.linalg.qr(against.T)  # basis of the old rows
+        q, _ = torch.linalg.qr(against.T.cpu())  # basis of the old rows
         x = x - q @ (q.T @ x)
     q, _ = torch.linalg.qr(x)
     return q.T[:n]
@@ -171,7 +172,7 @@ class IncRank(LoRAStrategy):
         for layer in self.lora_layers().values():
             for b in layer.blocks:
                 start = 1.0 if id(b) in new_ids else 0.0
-                selector[id(b)] = torch.nn.Parameter(torch.full((b.rank,), start))
+                selector[id(b)] = torch.nn.Parameter(torch.full((b.rank,), start).to(b.A))
         self.selectors.append(selector)
         self._use_selector(t)
 
@@ -207,7 +208,9 @@ class IncRank(LoRAStrategy):
         for layer in self.lora_layers().values():
             for b in layer.blocks:
                 if id(b) not in selector:
-                    selector[id(b)] = torch.nn.Parameter(torch.zeros(b.rank), requires_grad=False)
+                    selector[id(b)] = torch.nn.Parameter(
+                        torch.zeros(b.rank).to(b.A), requires_grad=False
+                    )
                 b.gate = selector[id(b)]
 
     def _before_eval_exp(self, **kwargs: Any) -> None:

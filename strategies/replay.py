@@ -175,7 +175,7 @@ class SampleMemory(BagMemory):
         for group, (_, buffer) in zip(state["groups"], self._groups(), strict=True):
             if len(buffer.buffer) == 0:
                 continue
-            rows = [z.float() for z in group["logits"]]
+            rows = [z.float().cpu() for z in group["logits"]]  # as Avalanche DER stores them
             attribute = TensorDataAttribute(
                 FlatData([rows], discard_elements_not_in_indices=True),
                 name="logits",

@@ -412,7 +412,7 @@ class SparCL(DERpp):
         own = state.pop("sparcl")
         super().load_extra_state(state)
         self.masks.set(own["masks"])
-        self.masks.generator.set_state(own["mask_rng"])
+        self.masks.generator.set_state(own["mask_rng"].cpu())  # loaded on the run's device
         for name, grad in own["last_grads"].items():
             weight = self.sparse_layers[name].weight
             weight.grad = grad.to(weight.device, weight.dtype)

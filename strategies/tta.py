@@ -45,6 +45,7 @@ from clbench.backbones.wideresnet import WideResNet
 from clbench.checks import check_choice, check_positive, check_range
 from clbench.data import TensorBatches, materialise
 from clbench.errors import ClbenchError
+from clbench.precision import to_float32
 
 if TYPE_CHECKING:
     from clbench.protocols.tta import DomainStream
@@ -152,14 +153,26 @@ class TTAStrategy(Learner):
     @torch.no_grad()
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
         """One forward (and update, for adapting strategies); returns its prediction."""
-        return self.model(x)
+        return self.forward_pass(self.model, x)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The current prediction without learning anything."""
-        return self.model(x)
+        return self.forward_pass(self.model, x)
 
     # -- shared
+    def forward_pass(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)`` in the run's precision (:meth:`autocast`), its output float32: the
+        methods' losses, selections and statistics are computed in float32."""
+        with self.autocast():
+            return to_float32(module(x))
+
+    def update(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` then ``optimizer.step()`` in the run's precision (fp16: the
+        loss scaled, the gradients unscaled before the step)."""
+        self.precision.backward(loss, self.optimizer)
+        self.precision.step(self.optimizer)
+
     def count(self, **values: float) -> None:
         for k, v in values.items():
             self.counts[k] = self.counts.get(k, 0.0) + float(v)
@@ -188,6 +201,7 @@ class TTAStrategy(Learner):
         if self._snapshot is None:
             raise RuntimeError("call setup() before the stream")
         self._snapshot.restore()
+        self.precision.reset()  # fp16: the loss scale restarts too
         self.reset_state()
 
     def modules(self) -> list[nn.Module]:
@@ -238,11 +252,10 @@ class Tent(NormAffine):
     Config = TentConfig
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.forward_pass(self.model, x)
         loss = softmax_entropy(logits).mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.update(loss)
         return logits.detach()  # this step's forward, before its update
 
 
@@ -302,9 +315,7 @@ class CoTTA(MeanTeacher):
         super().configure()
         self.anchor = copy.deepcopy(self.teacher)
         flip = str(self.cfg.flip).lower()
-        self.flip = flip == "true" or (
-            flip == "auto" and self.stream.flip_preserves_label
-        )
+        self.flip = flip == "true" or (flip == "auto" and self.stream.flip_preserves_label)
         self.value_range = tuple(self.stream.value_range)
         self.last_augmented = False
         self.last_restored = 0.0
@@ -315,24 +326,25 @@ class CoTTA(MeanTeacher):
     @torch.no_grad()
     def teacher_output(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits: averaged over augmentations iff the anchor is unsure."""
-        confidence = self.anchor(x).softmax(1).max(1).values.mean()
+        confidence = self.forward_pass(self.anchor, x).softmax(1).max(1).values.mean()
         self.last_augmented = bool(confidence < self.cfg.anchor_threshold)
         if not self.last_augmented:
-            return self.teacher(x)
+            return self.forward_pass(self.teacher, x)
         self.count(augmented_batches=1)
         views = [
-            self.teacher(cotta_augment(x, self.generator, self.value_range, self.flip))
+            self.forward_pass(
+                self.teacher, cotta_augment(x, self.generator, self.value_range, self.flip)
+            )
             for _ in range(self.cfg.n_augmentations)
         ]
         return torch.stack(views).mean(0)
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.forward_pass(self.model, x)
         target = self.teacher_output(x)
         loss = soft_cross_entropy(logits, target).mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.update(loss)
         ema_update_(self.teacher, self.model, self.cfg.ema)
         if self.cfg.restore_p > 0:
             self.last_restored = stochastic_restore_(
@@ -343,7 +355,7 @@ class CoTTA(MeanTeacher):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x)
+        return self.forward_pass(self.teacher, x)
 
 
 @dataclass
@@ -439,7 +451,7 @@ class EATA(FisherAnchored, NormAffine):
         return keep
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.forward_pass(self.model, x)
         keep = self.select(logits)
         if len(keep):
             entropy = softmax_entropy(logits[keep])
@@ -448,8 +460,7 @@ class EATA(FisherAnchored, NormAffine):
             if self.fisher:
                 loss = loss + self.fisher_penalty()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.update(loss)
         return logits.detach()
 
 
@@ -489,18 +500,18 @@ class PSMT(FisherAnchored, MeanTeacher):
         super().setup(source)
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.forward_pass(self.model, x)
         with torch.no_grad():
-            target = self.teacher(x)
+            target = self.forward_pass(self.teacher, x)
         sce = 0.5 * soft_cross_entropy(logits, target) + 0.5 * soft_cross_entropy(target, logits)
         loss = sce.mean() + (self.fisher_penalty() if self.fisher else 0.0)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.precision.backward(loss, self.optimizer)  # fp16: the gradients come unscaled
         grads = {n: p.grad.detach() ** 2 for n, p in self.params.items() if p.grad is not None}
         flat = torch.cat([g.flatten() for g in grads.values()])
         k = max(1, int(self.cfg.quantile * flat.numel()))
         threshold = flat.kthvalue(k).values
-        self.optimizer.step()
+        self.precision.step(self.optimizer)
         with torch.no_grad():
             m = self.cfg.ema
             restored = 0
@@ -517,7 +528,7 @@ class PSMT(FisherAnchored, MeanTeacher):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x) + self.model(x)
+        return self.forward_pass(self.teacher, x) + self.forward_pass(self.model, x)
 
 
 # ------------------------------------------------------------------------- EcoTTA
@@ -626,10 +637,13 @@ class EcoTTA(TTAStrategy):
 
     def regulariser(self) -> torch.Tensor:
         """Sum over partitions of the mean L1 between meta output and frozen output."""
-        return sum((out - frozen).abs().mean() for out, frozen in (p.last for p in self.parts))
+        return sum(
+            (out.float() - frozen.float()).abs().mean()
+            for out, frozen in (p.last for p in self.parts)
+        )
 
     def adapt_step(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        logits = self.forward_pass(self.model, x)
         entropy = softmax_entropy(logits)
         kept = entropy[entropy < self.e0]
         self.count(samples=len(entropy), entropy_kept_samples=len(kept))
@@ -637,8 +651,7 @@ class EcoTTA(TTAStrategy):
         if len(kept):
             loss = loss + kept.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.update(loss)
         return logits.detach()
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -32,6 +32,7 @@ from torch.distributions import Normal
 
 from clbench.adapters.inject import set_submodule
 from clbench.adapters.lora import LoRALinear
+from clbench.precision import full_precision
 
 
 # ---------------------------------------------------------------------------- MoRA
@@ -330,8 +331,9 @@ class TaskAutoencoders(nn.Module):
     ) -> torch.Tensor:
         """(N,) the task of the lowest error; -1 where that error exceeds ``threshold``.
         ``per_batch``: one task for the whole batch, from the batch-mean errors (what the
-        official MoE-Adapters code does)."""
-        err = self.errors(feats)
+        official MoE-Adapters code does). The errors are computed in float32."""
+        with full_precision():
+            err = self.errors(feats.float())
         if per_batch:
             err = err.mean(0, keepdim=True).expand_as(err)
         best, task = err.min(dim=1)

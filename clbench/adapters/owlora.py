@@ -56,6 +56,7 @@ from torch import nn
 
 from clbench.adapters.inject import ALL_LINEAR
 from clbench.adapters.lora import LoRABlock, LoRALinear, inject_lora
+from clbench.precision import full_precision
 
 #: the official model gives its fused q/k/v projections (names ending in ``qkv``) 3 x rank
 QKV_RANK_FACTOR = 3
@@ -127,7 +128,8 @@ def orthonormality_penalty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``B`` (out, r): zero when A's rows and B's columns are orthonormal."""
     r = a.shape[0]
     eye = torch.eye(r, device=a.device, dtype=a.dtype)
-    return (((a @ a.T - eye) ** 2).sum() + ((b.T @ b - eye) ** 2).sum()) / r**2
+    with full_precision():  # the Gram matrices of the float32 factors, in float32
+        return (((a @ a.T - eye) ** 2).sum() + ((b.T @ b - eye) ** 2).sum()) / r**2
 
 
 class OWLoRA:

@@ -32,6 +32,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from clbench.errors import ConfigError
+from clbench.precision import full_precision
 
 
 def vit_of(model: nn.Module) -> VisionTransformer:
@@ -209,8 +210,10 @@ class PromptPool(nn.Module):
         self.prompts = nn.Parameter(torch.empty(pool_size, length, dim).uniform_(-1.0, 1.0))
 
     def similarity(self, query: torch.Tensor) -> torch.Tensor:
-        """(N, pool_size) cosine similarity between each query and each key."""
-        return F.normalize(query, dim=-1) @ F.normalize(self.keys, dim=-1).T
+        """(N, pool_size) cosine similarity between each query and each key, in float32
+        (the top-k choice must not turn on half-precision rounding)."""
+        with full_precision():
+            return F.normalize(query.float(), dim=-1) @ F.normalize(self.keys, dim=-1).T
 
     def select(self, query: torch.Tensor, batchwise: bool = False) -> Selection:
         """Top-k keys per query (by cosine), their prompts and the pull term; with
