@@ -173,9 +173,15 @@ BOOKKEEPING_KEYS: tuple[str, ...] = (
     "progress",
     "device",
     "checkpoint",
+    "threads",
     "tracking",
     "hydra",
 )
+
+#: top-level keys added to the run configuration after runs were published, with the value
+#: a run without the key ran with: a record that lacks one counts as having that value, so
+#: older runs share a board entry with new ones run alike
+LATER_KEYS: dict[str, Any] = {"precision": "fp32", "deterministic": True}
 
 #: a board group: (scenario, strategy, backbone, configuration fingerprint)
 GroupKey = tuple[str, str, str, str]
@@ -193,7 +199,7 @@ def run_configuration(config: Mapping[str, Any]) -> dict[str, Any]:
             else:
                 out[f"{prefix}{k}"] = v
 
-    walk({k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS}, "")
+    walk({**LATER_KEYS, **{k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS}}, "")
     return out
 
 

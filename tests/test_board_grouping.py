@@ -116,6 +116,20 @@ def test_bookkeeping_keys_do_not_split_an_entry(lora_config):
     assert not [k for k in flat if k.split(".")[0] in BOOKKEEPING_KEYS]
 
 
+def test_a_record_from_before_a_later_key_counts_as_its_default(lora_config):
+    """Runs published before ``precision`` / ``deterministic`` existed share the entry of
+    new runs with the defaults; another precision is its own labelled entry."""
+    old = {k: v for k, v in lora_config.items() if k not in ("precision", "deterministic")}
+    runs = [
+        _run(old, 0, 0.8, start=0),
+        _run(_config(lora_config, "threads=1"), 1, 0.9, start=1),
+        _run(_config(lora_config, "precision=bf16"), 2, 0.7, start=2),
+    ]
+    entries = build_boards(runs)["split_digits"]["entries"]
+    by_label = {e["config_label"]: e["seeds"] for e in entries}
+    assert by_label == {"precision=fp32": [0, 1], "precision=bf16": [2]}
+
+
 def test_the_latest_run_per_seed_counts_within_its_group(lora_config):
     runs = _two_lrs(lora_config)
     fast = _config(lora_config, "strategy.lr=0.01")
