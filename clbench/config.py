@@ -306,6 +306,14 @@ def _check_group_choices(overrides: Sequence[str]) -> None:
         key, _, value = o.lstrip("+~").partition("=")
         if (key in COMPONENT_GROUPS or key == "tracking") and value not in group_options(key):
             raise unknown_choice(key, value, group_options(key))
+        if key == "experiment":  # conf/experiment: a paper configuration, added to the defaults
+            names = sorted(_yaml_names("experiment"))
+            if not o.startswith("+"):
+                raise ConfigError(
+                    f"{o!r}: an experiment is added with a leading +, e.g. +experiment={value}"
+                )
+            if value not in names:
+                raise unknown_choice("experiment", value, names)
 
 
 def _hydra_message(e: Exception, overrides: Sequence[str]) -> str:
