@@ -178,6 +178,10 @@ BOOKKEEPING_KEYS: tuple[str, ...] = (
     "hydra",
 )
 
+#: nested keys that are bookkeeping too: how data is read or fetched, never what is learned
+#: (the same batches come with any number of reading processes)
+BOOKKEEPING_PATHS: tuple[str, ...] = ("scenario.num_workers", "scenario.download")
+
 #: top-level keys added to the run configuration after runs were published, with the value
 #: a run without the key ran with: a record that lacks one counts as having that value, so
 #: older runs share a board entry with new ones run alike
@@ -200,7 +204,7 @@ def run_configuration(config: Mapping[str, Any]) -> dict[str, Any]:
                 out[f"{prefix}{k}"] = v
 
     walk({**LATER_KEYS, **{k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS}}, "")
-    return out
+    return {k: v for k, v in out.items() if k not in BOOKKEEPING_PATHS}
 
 
 def _fingerprint(configuration: Mapping[str, Any]) -> str:

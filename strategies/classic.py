@@ -655,7 +655,8 @@ class ICaRL(CLStrategy):
             x_all = materialise(dataset)[0]
             batches = (x_all[c[0] : c[-1] + 1] for c in chunks)
         else:
-            batches = (b[0] for b in read_batches(dataset, chunks))
+            workers = int(getattr(self.experience, "loader_workers", 0))  # the scenario's
+            batches = (b[0] for b in read_batches(dataset, chunks, workers))
         out = []
         try:
             for x in batches:

@@ -210,7 +210,8 @@ class _StatisticsLearner(CLStrategy):
         else:
             n = len(dataset)
             chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-            batches = read_batches(dataset, chunks, getattr(self, "loader_workers", 0))
+            workers = int(getattr(self.experience, "loader_workers", 0))  # the scenario's
+            batches = read_batches(dataset, chunks, workers)
         backbone = self.model.backbone
         was_training = backbone.training
         backbone.eval()

@@ -122,7 +122,7 @@ def test_a_record_from_before_a_later_key_counts_as_its_default(lora_config):
     old = {k: v for k, v in lora_config.items() if k not in ("precision", "deterministic")}
     runs = [
         _run(old, 0, 0.8, start=0),
-        _run(_config(lora_config, "threads=1"), 1, 0.9, start=1),
+        _run(_config(lora_config, "threads=1", "scenario.num_workers=3"), 1, 0.9, start=1),
         _run(_config(lora_config, "precision=bf16"), 2, 0.7, start=2),
     ]
     entries = build_boards(runs)["split_digits"]["entries"]
