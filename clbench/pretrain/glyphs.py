@@ -11,16 +11,19 @@ no class with it.
 
 from __future__ import annotations
 
+import inspect
 import math
 import string
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont
 
 from clbench.lowres import block_count, to_model_input
@@ -92,6 +95,47 @@ def render_templates(
             labels.append(label)
     templates = torch.from_numpy(np.stack(images)).unsqueeze(1)
     return templates, torch.tensor(labels, dtype=torch.long)
+
+
+@cache
+def _font_codepoints(path: str) -> frozenset[int]:
+    """The code points a font file maps to a glyph (its best Unicode cmap)."""
+    with TTFont(path, lazy=True) as font:
+        return frozenset(font.getBestCmap() or {})
+
+
+def fonts_with_glyph(char: str, fonts: Sequence[str] = FONT_FILES) -> tuple[str, ...]:
+    """The fonts among ``fonts`` whose character map has a glyph for ``char`` (rendering a
+    character a font lacks would draw its .notdef box, "tofu")."""
+    return tuple(
+        name
+        for name, path in zip(fonts, font_paths(fonts), strict=True)
+        if ord(char) in _font_codepoints(str(path))
+    )
+
+
+@lru_cache(maxsize=4)
+def render_character_set(
+    characters: str, fonts: tuple[str, ...] = FONT_FILES, size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render each character with every font of ``fonts`` that has a glyph for it:
+    ``(T, 1, size, size)`` in [0, 1] and labels (positions in ``characters``), class-major.
+    ``ValueError`` if a character is in none of the fonts."""
+    images, labels = [], []
+    for label, char in enumerate(characters):
+        have = fonts_with_glyph(char, fonts)
+        if not have:
+            raise ValueError(f"no font of {list(fonts)} has a glyph for {char!r}")
+        for path in font_paths(have):
+            images.append(_render_glyph(_font(str(path)), char, size))
+            labels.append(label)
+    templates = torch.from_numpy(np.stack(images)).unsqueeze(1)
+    return templates, torch.tensor(labels, dtype=torch.long)
+
+
+@lru_cache(maxsize=32)
+def _font(path: str) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, _RENDER_PX)
 
 
 def stroke_width(binary: torch.Tensor) -> torch.Tensor:
@@ -183,6 +227,18 @@ class GlyphSource:
         self.templates, self.labels = _stroke_templates(
             template_size, tuple(fonts), characters, tuple(stroke_widths), blur
         )
+        self._set_warp(threshold, rotation_deg, scale, squeeze, shear, translate, elastic)
+
+    def _set_warp(
+        self,
+        threshold: tuple[float, float],
+        rotation_deg: float,
+        scale: tuple[float, float],
+        squeeze: tuple[float, float],
+        shear: float,
+        translate: float,
+        elastic: float,
+    ) -> None:
         self.threshold = threshold
         self.rotation = math.radians(rotation_deg)
         self.scale = scale
@@ -194,6 +250,19 @@ class GlyphSource:
     @property
     def num_classes(self) -> int:
         return len(self.characters)
+
+    def _template_index(
+        self, n: int, generator: torch.Generator, classes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Which template each of ``n`` samples warps (of ``classes``, if given)."""
+        if classes is None:
+            return torch.randint(len(self.labels), (n,), generator=generator)
+        fonts = len(self.labels) // self.num_classes  # templates are font-major
+        font = torch.randint(fonts, (n,), generator=generator)
+        index = font * self.num_classes + classes
+        if not torch.equal(self.labels[index], classes):
+            raise AssertionError("glyph templates are not laid out font-major")
+        return index
 
     def _warp_grid(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Sampling grid (n, 32, 32, 2): random affine plus a smooth elastic displacement."""
@@ -229,14 +298,7 @@ class GlyphSource:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` random (32, 32) binary bitmaps (float 0/1) and their labels; ``classes``
         (``n`` labels): render these classes, each in a uniformly drawn font."""
-        if classes is None:
-            index = torch.randint(len(self.labels), (n,), generator=generator)
-        else:
-            fonts = len(self.labels) // self.num_classes  # templates are font-major
-            font = torch.randint(fonts, (n,), generator=generator)
-            index = font * self.num_classes + classes
-            if not torch.equal(self.labels[index], classes):
-                raise AssertionError("glyph templates are not laid out font-major")
+        index = self._template_index(n, generator, classes)
         gray = F.grid_sample(
             self.templates[index],
             self._warp_grid(n, generator),
@@ -262,6 +324,50 @@ class GlyphSource:
         (``classes``: the labels to render, one per sample)."""
         counts, labels = self.sample_counts(n, generator, classes)
         return to_model_input(counts), labels
+
+
+class CharacterSetSource(GlyphSource):
+    """:class:`GlyphSource` samples of any ``characters`` (digits allowed), each rendered
+    only with the fonts of ``fonts`` that have a glyph for it (:func:`fonts_with_glyph`), so
+    no sample is a missing-glyph box; same stroke normalisation, warps and thresholds
+    (``warp``: the warp keywords of :class:`GlyphSource`). A sample of class ``c`` warps
+    one of ``c``'s (font, stroke width) templates, drawn uniformly."""
+
+    def __init__(
+        self,
+        characters: str,
+        fonts: Sequence[str] = FONT_FILES,
+        template_size: int = 64,
+        stroke_widths: Sequence[float] = (7.0, 10.0),
+        blur: float = 2.0,
+        **warp: Any,
+    ) -> None:
+        if len(set(characters)) != len(characters):
+            raise ValueError(f"repeated characters in {characters!r}")
+        self.characters = characters
+        templates, labels = render_character_set(characters, tuple(fonts), template_size)
+        widths = [normalise_strokes(templates, w, blur) for w in stroke_widths]
+        order = labels.repeat(len(widths)).argsort(stable=True)  # class-major again
+        self.templates = torch.cat(widths)[order]
+        self.labels = labels.repeat(len(widths))[order]
+        counts = torch.bincount(self.labels, minlength=len(characters))
+        self._count = counts
+        self._start = counts.cumsum(0) - counts
+        defaults = inspect.signature(GlyphSource).parameters
+        kwargs = {k: defaults[k].default for k in inspect.signature(self._set_warp).parameters}
+        unknown = sorted(set(warp) - set(kwargs))
+        if unknown:
+            raise TypeError(f"unknown warp keywords {unknown}; valid: {sorted(kwargs)}")
+        self._set_warp(**{**kwargs, **warp})
+
+    def _template_index(
+        self, n: int, generator: torch.Generator, classes: torch.Tensor | None
+    ) -> torch.Tensor:
+        if classes is None:
+            classes = torch.randint(self.num_classes, (n,), generator=generator)
+        count = self._count[classes]
+        pick = (torch.rand(n, generator=generator) * count).long().minimum(count - 1)
+        return self._start[classes] + pick
 
 
 def glyph_batches(
