@@ -58,7 +58,7 @@ DEFAULT_INTERPOLATION = "bicubic"
 PILOT_CROP_PCT = 224 / 256
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # PILOT's RandomResizedCrop ratio (torchvision's default)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
-ORDERINGS = ("class_incremental", "domain_incremental")
+ORDERINGS = ("by_class", "by_domain")
 
 
 # ------------------------------------------------------------------------ transforms
@@ -412,9 +412,9 @@ cub200.Config = Cub200Config  # type: ignore[attr-defined]
 @dataclass
 class DomainNetConfig(ImageScenarioConfig):
     name: str = "domainnet"
-    n_experiences: int = 5  # class_incremental: 345 classes in 5 x 69 (CODA-Prompt, InfLoRA)
+    n_experiences: int = 5  # by_class: 345 classes in 5 x 69 (CODA-Prompt, InfLoRA)
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
-    ordering: str = "class_incremental"
+    ordering: str = "by_class"
 
     LAYOUT: ClassVar[str] = (
         "ROOT/<domain>/<class>/<image> and ROOT/<domain>_train.txt, ROOT/<domain>_test.txt"
@@ -431,22 +431,22 @@ class DomainNetConfig(ImageScenarioConfig):
                 f"invalid value for scenario.domains: {domains}; name each domain once, "
                 f"from {', '.join(DOMAINS)}"
             )
-        if self.ordering == "domain_incremental" and (self.init_cls or self.increment):
+        if self.ordering == "by_domain" and (self.init_cls or self.increment):
             raise ConfigError(
                 "scenario.init_cls / scenario.increment split classes: with "
-                "scenario.ordering=domain_incremental each experience is one domain with every "
+                "scenario.ordering=by_domain each experience is one domain with every "
                 "class; set them to 0"
             )
 
 
 def domainnet(cfg: DomainNetConfig) -> Scenario:
     """DomainNet (six domains, 345 classes): the chosen domains pooled and split by class
-    (``class_incremental``), or one experience per domain with every class
-    (``domain_incremental``: the head has every class from the first experience)."""
+    (``by_class``, class-incremental), or one experience per domain with every class
+    (``by_domain``, domain-incremental: the head has every class from the first experience)."""
     domains = list(cfg.domains)
     sets, class_names = read_domainnet(cfg.root, domains)
     name = "domainnet" if set(domains) == set(DOMAINS) else "domainnet_" + "_".join(domains)
-    if cfg.ordering == "class_incremental":
+    if cfg.ordering == "by_class":
         pooled = ImageSet(
             train=_pool([s.train for s in sets.values()]),
             test=_pool([s.test for s in sets.values()]),

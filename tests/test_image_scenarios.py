@@ -377,14 +377,14 @@ def test_domainnet_both_orderings(tmp_path):
     assert ci.class_names == ["aircraft carrier", "bee", "cake", "duck"]
     assert ci.classes_per_experience == [[0, 1], [2, 3]]
     assert [len(e.dataset) for e in ci.train_stream] == [12, 12]  # 2 domains x 2 classes x 3
-    di = domainnet(domainnet.Config(ordering="domain_incremental", **cfg))
+    di = domainnet(domainnet.Config(ordering="by_domain", **cfg))
     assert di.num_experiences == 2 and di.kind == "class_incremental"
     assert di.classes_per_experience == [[0, 1, 2, 3], [0, 1, 2, 3]]
     assert [len(e.dataset) for e in di.train_stream] == [12, 12]
     assert [len(e.dataset) for e in di.test_stream] == [8, 8]
     paths = di.test_stream[1].dataset.eval()
     assert paths[0][0].shape == (3, 224, 224)
-    with pytest.raises(ConfigError, match="valid choices: class_incremental, domain_incremental"):
+    with pytest.raises(ConfigError, match="valid choices: by_class, by_domain"):
         domainnet.Config(ordering="task", **cfg)
     with pytest.raises(ConfigError, match=r"scenario\.domains: 'clip'"):
         domainnet.Config(**{**cfg, "domains": ["clip"]})
@@ -462,7 +462,7 @@ def test_domain_incremental_run_records_a_matrix(tmp_path, capsys):
             "scenario=domainnet",
             f"scenario.root={root}",
             "scenario.domains=[clipart,sketch]",
-            "scenario.ordering=domain_incremental",
+            "scenario.ordering=by_domain",
             *SMALL_VIT,
             f"runs_dir={tmp_path / 'runs'}",
         ]
