@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from clbench.scenarios.corruptions import CORRUPTIONS, corrupt
+from clbench.scenarios.imagesets import CifarUnpickler
 
 from clbench.errors import ClbenchError, first_line
 
@@ -80,56 +81,11 @@ def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
     return array
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR's python-release batches and nothing else.
-
-    A batch is a dict of bytes keys to lists (labels, file names), bytes and a uint8
-    numpy array, so the only callables it names are numpy's array rebuilders (and, in a
-    protocol-2 file written by Python 3, ``_codecs.encode(text, "latin1")`` for bytes,
-    which is answered by :func:`_latin1`). Any other global (``os.system``,
-    ``builtins.eval``...) is refused before it is looked up.
-    """
-
-    ALLOWED: frozenset[tuple[str, str]] = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),  # the release (Python 2, numpy 1)
-            ("numpy._core.multiarray", "_reconstruct"),  # the same, pickled by numpy 2
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("numpy.core.numeric", "_frombuffer"),  # pickle protocol 5 (Python >= 3.14)
-            ("numpy._core.numeric", "_frombuffer"),
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) == ("_codecs", "encode"):  # bytes, as Python 3 pickles them at
-            return _latin1  # protocol 2: only that use is admitted
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(
-                f"refused to unpickle {module}.{name}: a CIFAR batch holds only dicts, lists, "
-                "bytes, numbers and numpy arrays"
-            )
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid: object) -> object:
-        raise pickle.UnpicklingError("refused a persistent id: not a CIFAR batch")
-
-
-def _latin1(text: object, encoding: object) -> bytes:
-    """``_codecs.encode(text, "latin1")``, the one call a protocol-2 pickle of bytes makes."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(
-            f"refused to unpickle _codecs.encode(..., {encoding!r}): a CIFAR batch holds only "
-            "dicts, lists, bytes, numbers and numpy arrays"
-        )
-    return text.encode("latin1")
-
-
 def _unpickle_cifar(path: Path) -> object:
     try:
         with path.open("rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core in numpy 2
-            return _CifarUnpickler(f, encoding="bytes").load()
+            return CifarUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
         raise ClbenchError(
             f"cannot read {path}: {first_line(e)}; expected the CIFAR python release "

@@ -90,20 +90,20 @@ class CifarUnpickler(pickle.Unpickler):
             return _latin1
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(
-                f"refused to unpickle {module}.{name}: a CIFAR file holds only dicts, lists, "
+                f"refused to unpickle {module}.{name}: a CIFAR batch holds only dicts, lists, "
                 "bytes, numbers and numpy arrays"
             )
         return super().find_class(module, name)
 
     def persistent_load(self, pid: object) -> object:
-        raise pickle.UnpicklingError("refused a persistent id: not a CIFAR file")
+        raise pickle.UnpicklingError("refused a persistent id: not a CIFAR batch")
 
 
 def _latin1(text: object, encoding: object) -> bytes:
     """``_codecs.encode(text, "latin1")``, the one call a protocol-2 pickle of bytes makes."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise pickle.UnpicklingError(
-            f"refused to unpickle _codecs.encode(..., {encoding!r}): a CIFAR file holds only "
+            f"refused to unpickle _codecs.encode(..., {encoding!r}): a CIFAR batch holds only "
             "dicts, lists, bytes, numbers and numpy arrays"
         )
     return text.encode("latin1")

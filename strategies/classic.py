@@ -98,6 +98,7 @@ from avalanche.training.storage_policy import HerdingSelectionStrategy
 from avalanche.training.utils import ParamData
 from clbench.strategies.base import CLStrategy, StrategyConfig, mask_logits, training_ce
 from clbench.strategies.erasure import frozen_copy
+from clbench.strategies.mil_baselines import ewc_state, load_ewc_state
 from clbench.strategies.replay import BUFFER_STREAM, SampleMemory
 from torch import nn
 
@@ -168,17 +169,6 @@ class EWCImportances(EWCPlugin):
             model.train(was_training)
 
 
-def _param_tree(tree: dict[int, dict[str, ParamData]]) -> dict[str, dict[str, torch.Tensor]]:
-    return {str(t): {k: v.data.detach().clone() for k, v in d.items()} for t, d in tree.items()}
-
-
-def _param_data(tree: dict[str, dict[str, torch.Tensor]]) -> defaultdict:
-    out: defaultdict = defaultdict(dict)
-    for t, d in tree.items():
-        out[int(t)] = {k: ParamData(k, init_tensor=v, device=v.device) for k, v in d.items()}
-    return out
-
-
 class EWC(CLStrategy):
     """Online EWC with Avalanche's EWCPlugin: an importance-weighted pull to the anchor.
 
@@ -220,17 +210,11 @@ class EWC(CLStrategy):
         return total
 
     def extra_state(self) -> dict[str, Any]:
-        ewc = {
-            "saved_params": _param_tree(self.ewc.saved_params),
-            "importances": _param_tree(self.ewc.importances),
-        }
-        return {**super().extra_state(), "ewc": ewc}
+        return {**super().extra_state(), "ewc": ewc_state(self.ewc)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        ewc = state.pop("ewc")
-        self.ewc.saved_params = _param_data(ewc["saved_params"])
-        self.ewc.importances = _param_data(ewc["importances"])
+        load_ewc_state(self.ewc, state.pop("ewc"))
         super().load_extra_state(state)
 
 

@@ -394,15 +394,30 @@ class MILEWCConfig(MILBaselineConfig):
         check_positive("strategy.decay_factor", self.decay_factor, allow_zero=True)
 
 
-def _param_dicts(tree: dict[int, dict[str, ParamData]]) -> dict[str, dict[str, torch.Tensor]]:
-    return {str(t): {k: v.data.clone() for k, v in d.items()} for t, d in tree.items()}
+def ewc_state(plugin: EWCPlugin) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """An Avalanche ``EWCPlugin``'s anchors and importances as tensors, by experience (the
+    checkpoint form of the class-incremental and MIL EWC strategies)."""
+
+    def tensors(tree: dict[int, dict[str, ParamData]]) -> dict[str, dict[str, torch.Tensor]]:
+        return {str(t): {k: v.data.detach().clone() for k, v in d.items()} for t, d in tree.items()}
+
+    return {
+        "saved_params": tensors(plugin.saved_params),
+        "importances": tensors(plugin.importances),
+    }
 
 
-def _from_param_dicts(tree: dict[str, dict[str, torch.Tensor]]) -> defaultdict:
-    out: defaultdict = defaultdict(dict)
-    for t, d in tree.items():
-        out[int(t)] = {k: ParamData(k, init_tensor=v, device=v.device) for k, v in d.items()}
-    return out
+def load_ewc_state(plugin: EWCPlugin, state: dict[str, dict[str, dict[str, torch.Tensor]]]) -> None:
+    """Restore what :func:`ewc_state` saved into ``plugin``."""
+
+    def params(tree: dict[str, dict[str, torch.Tensor]]) -> defaultdict:
+        out: defaultdict = defaultdict(dict)
+        for t, d in tree.items():
+            out[int(t)] = {k: ParamData(k, init_tensor=v, device=v.device) for k, v in d.items()}
+        return out
+
+    plugin.saved_params = params(state["saved_params"])
+    plugin.importances = params(state["importances"])
 
 
 class MILEWC(MILStrategy):
@@ -431,17 +446,11 @@ class MILEWC(MILStrategy):
         super().__init__(model=model, cfg=cfg, plugins=[*(plugins or []), self.ewc], **kwargs)
 
     def extra_state(self) -> dict[str, Any]:
-        ewc = {
-            "saved_params": _param_dicts(self.ewc.saved_params),
-            "importances": _param_dicts(self.ewc.importances),
-        }
-        return {**super().extra_state(), "ewc": ewc}
+        return {**super().extra_state(), "ewc": ewc_state(self.ewc)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        ewc = state.pop("ewc")
-        self.ewc.saved_params = _from_param_dicts(ewc["saved_params"])
-        self.ewc.importances = _from_param_dicts(ewc["importances"])
+        load_ewc_state(self.ewc, state.pop("ewc"))
         super().load_extra_state(state)
 
 
